@@ -50,6 +50,20 @@ class Tokenizer:
         raise UserError(f"tokenizer {self.path.name} has no special token {token!r}")
 
 
+class ByteTokenizer(Tokenizer):
+    """Bytes as tokens (ids 0-255) plus BOS and EOS: needs no file, so the built-in demo of
+    train_sft.py runs on a machine that has downloaded nothing."""
+    path = Path("<bytes>")
+    bos_id, eos_id, vocab_size = 256, 257, 258
+    stop_ids = {257}
+
+    def _encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
 def _is_tiktoken_line(line: bytes) -> bool:
     parts = line.split()
     if len(parts) != 2 or not parts[1].isdigit():
