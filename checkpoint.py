@@ -76,13 +76,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _safetensors(files):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     yield key, st.get_tensor(key)
-        except (OSError, ValueError, RuntimeError) as e:  # safetensors raises its own error types too
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # safetensors raises its own error types too
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
 
 
@@ -94,7 +94,10 @@ def _torch_load(path: Path) -> dict:
 
 
 def read_hf(d: Path):
-    config = ModelConfig.from_hf(_read_json(d / "config.json"))
+    try:
+        config = ModelConfig.from_hf(_read_json(d / "config.json"))
+    except KeyError as e:
+        raise UserError(f"{d / 'config.json'}: not a Llama model config (no {e} entry)") from None
     names = name_map("hf", config.n_layers)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (d / index_name).exists():
@@ -115,7 +118,8 @@ def read_hf(d: Path):
             ours = names.get(key, key)
             if ours.endswith(("q_proj.weight", "k_proj.weight")) and t.dim() == 2:
                 n = config.n_heads if "q_proj" in ours else config.n_kv_heads
-                t = hf_permute(t, n, to_hf=False)
+                if t.shape[0] == n * config.head_dim:  # a wrong shape is reported by load_checkpoint
+                    t = hf_permute(t, n, to_hf=False)
             yield key, ours, t
     return config, tensors()
 

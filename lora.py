@@ -1,0 +1,388 @@
+"""LoRA: fine-tune a big model by training two thin matrices per layer instead of the layer.
+
+A pretrained linear layer computes y = x Wᵀ with W of shape (out × in). LoRA (Hu et al. 2021)
+freezes W and learns a low-rank change ΔW = B A of rank r ≪ min(in, out):
+
+    y = x Wᵀ + (alpha / r) · dropout(x) Aᵀ Bᵀ        A: (r × in), B: (out × r)
+
+A starts random (Kaiming-uniform, as PEFT does) and B starts at zero, so B A = 0 and training
+starts exactly at the pretrained model. alpha / r is a fixed scale, so changing r does not
+change how big the update is at a given learning rate; rsLoRA (Kalajievski 2023) uses
+alpha / √r instead, which keeps learning stable at large r.
+
+Why it saves memory: full fine-tuning with AdamW keeps, for every weight, a gradient and two
+optimizer moments (plus often a float32 master copy): ~16 bytes a parameter, ~110 GB for a 7B
+model. With LoRA the frozen W needs none of that, only its 2 bytes (bf16). The adapter is tiny:
+r=16 on q and v of Llama-2-7B is 32 layers × 2 × 16 × (4096 + 4096) = 8.4M parameters, 0.12%
+of the model, 34 MB in float32, and its optimizer state is about 100 MB more.
+(Activations for the backward pass are still needed; see --grad-ckpt.)
+
+After training, ΔW can be folded into W (`merge_lora`): the result is an ordinary model that
+runs exactly as fast as the original.
+
+DoRA (Liu et al. 2024) splits each row of the weight into a length and a direction, trains the
+length as a vector m (out,) and the direction with LoRA:
+
+    W' = m · (W + s·B A) / ‖W + s·B A‖_row        (the norm is treated as a constant, paper §4.3)
+
+Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py); `export_peft` writes the names
+and row order Hugging Face PEFT expects, `export_hf` a merged transformers checkpoint.
+"""
+import json
+import math
+import shutil
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, write_json
+from errors import UserError
+
+# short name (used on the command line) -> module path inside a Transformer layer (or the model)
+LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "head": "lm_head"}
+ALL_PROJECTIONS = ["q", "k", "v", "o", "gate", "up", "down"]  # "all": like PEFT's all-linear, head excluded
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size")
+ADAPTER_TENSORS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear with a frozen weight plus a trainable low-rank update: base(x) + scale·x AᵀBᵀ."""
+
+    def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise UserError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
+        if r < 1 or not 0.0 <= dropout < 1.0:
+            raise UserError(f"LoRA needs rank r >= 1 and 0 <= dropout < 1 (got r={r}, dropout={dropout})")
+        self.base = base  # the same module, so the same weight object: a tied weight stays tied
+        base.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        device = base.weight.device
+        # float32 adapters even on a bf16 base: tiny, and small updates are not rounded away
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and PEFT use
+        self.merged = False
+        self.weight_is_shared = False  # set by apply_lora when another module uses the same matrix
+
+    def lora_output(self, x):
+        """dropout(x) Aᵀ Bᵀ, through the r-wide bottleneck: never builds the (out × in) matrix B A."""
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # under autocast the matmuls pick their own dtype
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:  # ΔW is already inside base.weight
+            return y
+        return y.add_(self.lora_output(x), alpha=self.scale)  # in place: no second (…, out) tensor
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale · B A, (out × in), in float32."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self):
+        """W ← W + scale·B A, computed in float32 and rounded to W's dtype once. Afterwards forward
+        is just base(x). A weight shared with another module (a tied lm_head) is not written
+        into: the merged matrix becomes this layer's own, and unmerge gives the shared one back."""
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        if self.weight_is_shared:
+            self.shared_weight = self.base.weight  # still held by the embedding: costs no memory
+            self.base.weight = nn.Parameter(merged.to(self.base.weight.dtype), requires_grad=False)
+        else:
+            self.base.weight.copy_(merged)  # in place: no second copy of a big matrix
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo merge: exact up to float32 rounding (a bf16 W keeps one rounding error)."""
+        if not self.merged:
+            return
+        if self.weight_is_shared:
+            self.base.weight = self.shared_weight
+            del self.shared_weight
+        else:
+            self.base.weight.copy_(self.unmerged_weight())
+        self.merged = False
+
+    def merged_weight(self):
+        return self.base.weight.float() + self.delta_weight()    # W + ΔW
+
+    def unmerged_weight(self):
+        return self.base.weight.float() - self.delta_weight()    # (W + ΔW) − ΔW
+
+    def extra_repr(self):
+        return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
+                + (", merged" if self.merged else ""))
+
+
+class DoRALinear(LoRALinear):
+    """DoRA: y = m / ‖W + s·B A‖_row · (x Wᵀ + s·dropout(x) AᵀBᵀ) + bias, m a trainable (out,) vector.
+
+    Initialised to m = ‖W‖_row, so it too starts at the pretrained layer. The row norm is
+    detached (no gradient flows through it), as in the paper's §4.3 and in PEFT, so adapters
+    exported to PEFT give the same outputs. (With dropout > 0, PEFT's training forward rescales
+    W·dropout(x) rather than W·x; in eval mode the two are identical.) Each forward builds
+    W + s·B A in float32 to take its norm: DoRA's price in memory and time over plain LoRA.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__(base, r, alpha, dropout, rslora, dtype)
+        self.magnitude = nn.Parameter(self.row_norm().to(dtype))
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """‖W + s·B A‖ of each output row, float32, outside the autograd graph."""
+        return (self.base.weight.float() + self.delta_weight()).norm(dim=1)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        y = F.linear(x, self.base.weight).add_(self.lora_output(x), alpha=self.scale)
+        y = y * (self.magnitude / self.row_norm()).to(y.dtype)
+        return y if self.base.bias is None else y + self.base.bias
+
+    def merged_weight(self):
+        """W' = m · (W + s·B A) / ‖W + s·B A‖_row; the norm is kept so unmerge can divide it back out."""
+        self.merged_norm = self.row_norm()
+        return (self.base.weight.float() + self.delta_weight()) * (self.magnitude.float() / self.merged_norm)[:, None]
+
+    def unmerged_weight(self):
+        return self.base.weight.float() * (self.merged_norm / self.magnitude.float())[:, None] - self.delta_weight()
+
+
+def parse_targets(spec: str) -> list[str]:
+    """'q,v' -> ['q', 'v']; 'all' -> the seven projections; 'all,head' adds the output head."""
+    names = []
+    for part in str(spec).lower().split(","):
+        part = part.strip()
+        expanded = ALL_PROJECTIONS if part == "all" else [part] if part else []
+        for name in expanded:
+            if name not in LORA_TARGETS:
+                raise UserError(f"unknown LoRA target {name!r}; valid: {', '.join(LORA_TARGETS)}, all")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise UserError(f"no LoRA targets in {spec!r}; valid: {', '.join(LORA_TARGETS)}, all")
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """{module name: LoRALinear} for every adapter in the model, e.g. 'layers.0.attn.q_proj'."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _short_name(module_name: str) -> str:
+    return next(t for t, path in LORA_TARGETS.items() if module_name == path or module_name.endswith("." + path))
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+               rslora: bool = False, dora: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wrap the targeted nn.Linear layers (in place) and freeze everything else.
+
+    targets: a spec string ('q,v', 'all', 'all,head') or a list of short names.
+    Afterwards only lora_A, lora_B (and DoRA's magnitude) have requires_grad=True.
+    """
+    targets = parse_targets(targets if isinstance(targets, str) else ",".join(targets))
+    if lora_layers(model):
+        raise UserError("the model already has LoRA layers; merge_lora it first or start from the base model")
+    paths = [LORA_TARGETS[t] for t in targets]
+    chosen = [name for name, m in model.named_modules()
+              if any(name == p or name.endswith("." + p) for p in paths)]
+    if not chosen:
+        raise UserError(f"no module of the model matches the LoRA targets {targets}")
+    model.requires_grad_(False)  # the pretrained weights: no gradients, no optimizer state
+    users = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))  # tied = 2 users
+    layer_class = DoRALinear if dora else LoRALinear
+    for name in chosen:
+        layer = layer_class(model.get_submodule(name), r, alpha, dropout, rslora, dtype)
+        layer.weight_is_shared = users[id(layer.base.weight)] > 1
+        _replace_module(model, name, layer)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied matrix counts once."""
+    params = list(model.parameters())  # parameters() already skips the second use of a tied weight
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_summary(model: nn.Module) -> str:
+    """One line for the log, e.g. 'LoRA r=16 alpha=32 (scale 2) on q,v: 8,388,608 trainable of ...'."""
+    trainable, total = count_parameters(model)
+    counts = f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
+    if not lora_layers(model):
+        return counts
+    s = lora_settings(model)
+    kind = "DoRA" if s["dora"] else "rsLoRA" if s["rslora"] else "LoRA"
+    scale = next(iter(lora_layers(model).values())).scale
+    return f"{kind} r={s['r']} alpha={s['alpha']} (scale {scale:g}) on {','.join(s['targets'])}: {counts}"
+
+
+def lora_settings(model: nn.Module) -> dict:
+    """The hyperparameters of the model's adapters, read back from its LoRALinear layers."""
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA layers (apply_lora or load_adapter first)")
+    first = next(iter(layers.values()))
+    targets = {_short_name(name) for name in layers}
+    return {"r": first.r, "alpha": first.alpha, "dropout": first.dropout,
+            "targets": [t for t in LORA_TARGETS if t in targets],
+            "rslora": first.rslora, "dora": isinstance(first, DoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put the plain nn.Linear back (in place).
+
+    The result has no LoRA modules and the state_dict keys of the original model. A tied
+    lm_head with an adapter gets its own merged matrix (the embedding must not change), so the
+    merged model is untied, and model.config is replaced by one that says so.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        _replace_module(model, name, layer.base)
+    config = getattr(model, "config", None)
+    if config is not None and config.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
+        model.config = replace(config, tie_embeddings=False)
+    model.requires_grad_(True)  # an ordinary model again (apply_lora had frozen it)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter tensors, under our names: 'layers.0.attn.q_proj.lora_A', ...lora_B, ...magnitude."""
+    return {f"{name}.{p_name}": p.detach()
+            for name, layer in lora_layers(model).items()
+            for p_name, p in layer.named_parameters(recurse=False)}  # recurse=False: not base.weight
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata=None):
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
+    """adapter.safetensors (the LoRA tensors) + adapter_config.json (hyperparameters and the base
+    model's config, so `load_adapter` can refuse a base of another shape). base_id: optional
+    description of the base checkpoint (path, name, ...) stored alongside."""
+    directory = Path(directory)
+    config = {**lora_settings(model), "base": asdict(model.config)}
+    if base_id:
+        config["base_id"] = base_id
+    _save_safetensors(lora_state_dict(model), directory / ADAPTER_TENSORS, metadata={"format": "pt"})
+    write_json(directory / ADAPTER_CONFIG, config)  # written last: its presence means the save finished
+
+
+def _shape(config: dict) -> str:
+    return " ".join(f"{k}={config.get(k)}" for k in SHAPE_FIELDS)
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Apply the adapter saved in `directory` to a base model (in place) and load its tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"adapter directory not found: {directory}")
+    for file in (ADAPTER_CONFIG, ADAPTER_TENSORS):
+        if not (directory / file).is_file():
+            raise UserError(f"{directory}: no {file} (an adapter directory is written by save_adapter / train_sft.py)")
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        base, settings = config["base"], {k: config[k] for k in ("r", "alpha", "dropout", "rslora", "dora")}
+        targets = config["targets"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{directory / ADAPTER_CONFIG}: not an adapter config ({type(e).__name__}: {e})") from None
+    mine = asdict(model.config)
+    if any(base.get(k) != mine[k] for k in SHAPE_FIELDS):
+        raise UserError(f"{directory}: the adapter was trained on a base model of shape {_shape(base)}, "
+                        f"but this model is {_shape(mine)}")
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(directory / ADAPTER_TENSORS)
+    except Exception as e:  # safetensors raises its own error types
+        raise UserError(f"{directory / ADAPTER_TENSORS}: not a readable safetensors file ({e})") from None
+    apply_lora(model, targets, **settings)
+    expected = lora_state_dict(model)
+    if set(tensors) != set(expected):
+        diff = sorted(set(tensors) ^ set(expected))
+        raise UserError(f"{directory}: adapter tensors do not match its config ({len(diff)} differ, e.g. {diff[0]})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = model.get_parameter(name)
+            if p.shape != t.shape:
+                raise UserError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            p.copy_(t)
+    return model
+
+
+def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
+    """Write the adapter as Hugging Face PEFT does (adapter_config.json + adapter_model.safetensors),
+    loadable with `peft.PeftModel.from_pretrained(LlamaForCausalLM..., directory)`.
+
+    Our q_proj/k_proj rows are in Meta's RoPE pair order and HF's are permuted (checkpoint.hf_permute):
+    W_hf = P W, so ΔW_hf = P B A, i.e. B's rows (and DoRA's per-row magnitude) get the same
+    permutation while A, whose columns are input features, stays as it is.
+    """
+    settings, c = lora_settings(model), model.config
+    hf_names = {ours: theirs for theirs, ours in name_map("hf", c.n_layers).items()}
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        key = "base_model.model." + hf_names[name + ".weight"].removesuffix(".weight")
+        lora_B = layer.lora_B.detach()
+        magnitude = layer.magnitude.detach()[:, None] if settings["dora"] else None  # 2-D for hf_permute
+        if name.endswith(("q_proj", "k_proj")):
+            n_heads = c.n_heads if name.endswith("q_proj") else c.n_kv_heads
+            lora_B = hf_permute(lora_B, n_heads, to_hf=True)
+            magnitude = hf_permute(magnitude, n_heads, to_hf=True) if magnitude is not None else None
+        tensors[key + ".lora_A.weight"] = layer.lora_A.detach()
+        tensors[key + ".lora_B.weight"] = lora_B
+        if magnitude is not None:
+            tensors[key + ".lora_magnitude_vector"] = magnitude[:, 0]
+    hf_module = {t: LORA_TARGETS[t].rpartition(".")[2] for t in LORA_TARGETS}  # 'q' -> 'q_proj', 'head' -> 'lm_head'
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["r"], "lora_alpha": settings["alpha"],
+              "lora_dropout": settings["dropout"], "target_modules": [hf_module[t] for t in settings["targets"]],
+              "use_rslora": settings["rslora"], "use_dora": settings["dora"], "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
+    directory = Path(directory)
+    _save_safetensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_json(directory / "adapter_config.json", config)
+
+
+def export_hf(model: nn.Module, directory, tokenizer_dir=None, dtype: torch.dtype | None = None):
+    """Merge the adapters and write a Hugging Face LlamaForCausalLM directory, plus the tokenizer
+    files (tokenizer.model, tokenizer.json, ...) that exist in `tokenizer_dir` (or that one file).
+
+    This MUTATES `model`: its LoRA layers are merged and removed (see merge_lora). A model
+    without LoRA layers (full fine-tuning) is written as it is.
+    """
+    tokenizer_files = []
+    if tokenizer_dir is not None:  # checked before anything is merged or written
+        source = Path(tokenizer_dir)
+        if not source.exists():
+            raise UserError(f"tokenizer directory not found: {source}")
+        tokenizer_files = [source] if source.is_file() else [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
+    merge_lora(model)
+    save_hf_checkpoint(model, directory, dtype=dtype)
+    for f in tokenizer_files:
+        atomic_write(Path(directory) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+    return model

@@ -1,0 +1,152 @@
+"""Sampling and decoding: sample_next's filters, generate() on the real stories260K model against
+llama2.c's greedy output, and the command line (text on stdout, diagnostics and errors on stderr)."""
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from conftest import shared_path
+from errors import UserError
+from generate import generate, sample_next
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
+                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
+STORY = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red "
+         "ball. She wanted to play with it, but it was too high.\nLily's mom said, \"Lily, let's go to the park.\" "
+         "Lily was sad and didn't know what to do.")
+
+
+# ---------------------------------------------------------------- sample_next
+
+def _draws(logits, n=300, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return [sample_next(logits, generator=g, **kw) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([0.1, 3.0, -2.0, 2.9, 0.0])
+    assert sample_next(logits, 0.0, None, None) == 1
+    assert sample_next(logits, 0.0, 1, 0.01) == 1  # filters are irrelevant when greedy
+    assert sample_next(-logits, 0.0, None, None) == 2
+
+
+def test_sampling_is_seeded_and_spreads():
+    logits = torch.zeros(10)
+    a, b = _draws(logits, temperature=1.0, top_k=None, top_p=None), _draws(logits, temperature=1.0, top_k=None, top_p=None)
+    assert a == b
+    assert a != _draws(logits, seed=1, temperature=1.0, top_k=None, top_p=None)
+    assert set(a) == set(range(10))  # uniform logits: every token drawn in 300 tries
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.tensor([1.0, 5.0, 2.0, 4.5, 0.5, 4.0, 3.0, -1.0])
+    drawn = Counter(_draws(logits, temperature=5.0, top_k=3, top_p=None))  # hot: without top-k all 8 would show
+    assert set(drawn) == {1, 3, 5}
+    assert set(_draws(logits, temperature=5.0, top_k=None, top_p=None)) == set(range(8))
+    assert set(_draws(logits, temperature=5.0, top_k=1, top_p=None, n=20)) == {1}
+    assert set(_draws(logits, temperature=3.0, top_k=100, top_p=None)) == set(range(8))  # k > vocab: no-op
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.1, 0.3, 0.05])
+    logits = probs.log()
+    # sorted: 0.5, 0.3 (cumulative 0.8 ≥ 0.7) -> tokens 1 and 3 only
+    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.7)) == {1, 3}
+    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.85)) == {1, 3, 2}
+    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.3, n=50)) == {1}  # the first always stays
+    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=1.0, n=2000)) == {0, 1, 2, 3, 4}
+    assert set(_draws(logits, temperature=1.0, top_k=2, top_p=0.95)) == {1, 3}  # both filters
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    cold = Counter(_draws(logits, n=500, temperature=0.2, top_k=None, top_p=None))
+    hot = Counter(_draws(logits, n=500, temperature=2.0, top_k=None, top_p=None))
+    assert cold[0] > 480 and hot[0] < 350
+
+
+# ---------------------------------------------------------------- generate() on stories260K
+
+@pytest.fixture(scope="module")
+def stories():
+    d = shared_path("models", "stories260K")
+    model, _ = load_checkpoint(d)
+    return model, Tokenizer.from_file(d / "tok512.model")
+
+
+def test_generate_greedy_reproduces_llama2c(stories):
+    model, tok = stories
+    prompt = tok.encode("Once upon a time", bos=True)
+    assert prompt == [1, 403, 407, 261, 378]
+    out = list(generate(model, tok, prompt, max_new_tokens=28, temperature=0.0))
+    assert out == STORIES_GREEDY[4:]
+    assert tok.decode(out).startswith(", there was a little girl named Lily. She loved to play outside in the park.")
+    # from BOS alone the same 32 tokens
+    assert list(generate(model, tok, [1], max_new_tokens=32, temperature=0.0)) == STORIES_GREEDY
+
+
+def test_generate_stops_and_limits(stories):
+    model, tok = stories
+
+    class StopAt(type(tok)):
+        def __init__(self, stop):
+            self.__dict__.update(tok.__dict__)
+            self.stop_ids = {stop}
+
+    prompt = [1, 403, 407, 261, 378]
+    assert STORIES_GREEDY[10] not in STORIES_GREEDY[4:10]
+    assert list(generate(model, StopAt(STORIES_GREEDY[10]), prompt, max_new_tokens=50, temperature=0.0)) == \
+           STORIES_GREEDY[4:10]  # the stop token itself is not yielded
+    assert len(list(generate(model, tok, prompt, max_new_tokens=3, temperature=0.0))) == 3
+    model.train()
+    sampled = list(generate(model, tok, prompt, max_new_tokens=20, temperature=1.0, top_k=10,
+                            generator=torch.Generator().manual_seed(0)))
+    assert model.training  # the mode is restored
+    model.eval()
+    assert len(sampled) <= 20 and all(0 <= i < 512 for i in sampled)
+
+
+def test_generate_context_limits():
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64, vocab_size=16,
+                                    max_seq_len=8))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+
+    class Tok:
+        stop_ids = set()
+
+    # context 8: the last token is predicted at position 7 from a full cache, so 3 + 6 tokens come out
+    assert len(list(generate(model, Tok(), [1, 2, 3], max_new_tokens=100, temperature=0.0))) == 6
+    with pytest.raises(UserError, match="prompt has 8 tokens; the model's context is 8"):
+        list(generate(model, Tok(), list(range(8)), max_new_tokens=4))
+
+
+# ---------------------------------------------------------------- the command line
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_greedy_story():
+    d = shared_path("models", "stories260K")
+    r = _cli("--checkpoint", str(d), "--prompt", "Once upon a time", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(STORY), r.stdout
+    assert "prompt" not in r.stdout and "Traceback" not in r.stderr
+    assert re.fullmatch(r"\[5 prompt \+ \d+ generated tokens\]\n", r.stderr), r.stderr
+
+
+def test_cli_error_is_one_line():
+    r = _cli("--checkpoint", "/nonexistent")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "/nonexistent" in lines[0]
+    assert "Traceback" not in r.stderr

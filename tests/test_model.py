@@ -1,0 +1,327 @@
+"""The architecture itself: configs, RoPE, grouped-query attention, the KV cache, packed attention,
+the chunked loss and gradient checkpointing. Tiny random float32 models; checkpoint formats and the
+comparison with transformers' full model live in test_checkpoint.py."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from errors import UserError
+from model import (IGNORE_INDEX, PRESETS, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
+                   rope_angles, rope_frequencies)
+
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny(seed=0, **overrides):
+    """A tiny GQA model with Llama-3.1 rope, weights large enough that attention is sharp."""
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=80, rope_theta=500000.0,
+              rope_scaling=dict(LLAMA3_SCALING), max_seq_len=128)
+    config = ModelConfig(**{**kw, **overrides})
+    model = Transformer(config)
+    g = torch.Generator().manual_seed(seed)
+    model.init_weights(std=0.15, generator=g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def rand_tokens(shape, vocab=80, seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- ModelConfig
+
+def test_config_defaults_and_validation():
+    assert ModelConfig(dim=64, n_heads=4, n_kv_heads=2).head_dim == 16
+    assert ModelConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=32).head_dim == 32
+    with pytest.raises(UserError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+        ModelConfig(dim=48, n_heads=6, n_kv_heads=4)
+
+
+def test_presets():
+    c = ModelConfig.from_name("llama-3.1-8b")
+    assert (c.dim, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.vocab_size, c.head_dim) == (4096, 32, 8, 14336, 128256, 128)
+    assert c.rope_scaling["factor"] == 8.0 and c.rope_theta == 500000.0
+    assert ModelConfig.from_name("llama-3.2-1b").tie_embeddings
+    assert not ModelConfig.from_name("llama-2-7b").tie_embeddings
+    with pytest.raises(UserError, match="unknown model shape 'gpt-5'.*llama-2-7b.*tiny"):
+        ModelConfig.from_name("gpt-5")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_to_hf_from_hf_round_trip(name):
+    c = ModelConfig.from_name(name)
+    hf = c.to_hf()
+    assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
+    assert ModelConfig.from_hf(hf) == c
+
+
+def test_from_hf_both_spellings():
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 96, "vocab_size": 80, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+            "tie_word_embeddings": True}
+    v4 = {**base, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3_SCALING}}
+    v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_SCALING}}
+    old = {**base, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3_SCALING}}  # pre-4.45 key
+    configs = [ModelConfig.from_hf(c) for c in (v4, v5, old)]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].rope_scaling == LLAMA3_SCALING and configs[0].rope_theta == 500000.0
+    assert configs[0].tie_embeddings and configs[0].n_kv_heads == 2 and configs[0].head_dim == 16
+    default = ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert default.rope_scaling is None and default.rope_theta == 10000.0
+    mha = ModelConfig.from_hf({k: v for k, v in base.items() if k != "num_key_value_heads"})
+    assert mha.n_kv_heads == 4
+    with pytest.raises(UserError, match="rope type 'linear' is not supported"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("params, ffn", [
+    ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-5, "vocab_size": -1}, 11008),  # Llama-2-7B
+    ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-5, "vocab_size": -1}, 13824),  # Llama-2-13B
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
+      "norm_eps": 1e-5, "vocab_size": -1}, 28672),  # Llama-2-70B
+    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}, 14336),  # Llama-3-8B
+])
+def test_from_meta_ffn_width(params, ffn):
+    c = ModelConfig.from_meta(params, vocab_size=32000)
+    assert c.ffn_hidden == ffn
+    assert c.vocab_size == (params["vocab_size"] if params["vocab_size"] > 0 else 32000)
+    assert c.n_kv_heads == params.get("n_kv_heads", params["n_heads"])
+
+
+def test_from_meta_scaled_rope():
+    p = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}  # Llama-3.1-8B
+    c = ModelConfig.from_meta(p)
+    assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+    assert c == ModelConfig(**{**PRESETS["llama-3.1-8b"], "max_seq_len": 4096})
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_rmsnorm():
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * torch.arange(1.0, 9.0)
+    assert torch.allclose(norm(x), want, atol=1e-6)
+    half = norm.bfloat16()(x.bfloat16())  # a bf16 model stays bf16 (the statistics are taken in float32)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_rope_frequencies_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for scaling in (None, LLAMA3_SCALING):
+        hf_config = transformers.LlamaConfig(
+            hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
+            rope_scaling=None if scaling is None else {"rope_type": "llama3", **scaling})
+        kind = "default" if scaling is None else "llama3"
+        if kind == "default":
+            theirs = 1.0 / 500000.0 ** (torch.arange(0, 16, 2).float() / 16)
+        else:
+            theirs, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
+            assert attention_factor == 1.0
+        ours = rope_frequencies(ModelConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=500000.0, rope_scaling=scaling))
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+    # the scaling changes something: the slow (long-wavelength) channels are divided by the factor
+    plain = rope_frequencies(ModelConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=500000.0))
+    assert torch.equal(ours[:1], plain[:1]) and torch.allclose(ours[-1], plain[-1] / 8)
+
+
+def test_rope_depends_only_on_distance():
+    config = ModelConfig(dim=32, n_heads=2, n_kv_heads=2)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(pq, pk):
+        cq, sq = rope_angles(config, torch.tensor([pq]))
+        ck, sk = rope_angles(config, torch.tensor([pk]))
+        return (apply_rotary_embedding(q, cq, sq) * apply_rotary_embedding(k, ck, sk)).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(8, 3), abs=1e-3)
+    # position 0 is the identity, and the pairs are adjacent channels (2i, 2i+1)
+    c, s = rope_angles(config, torch.tensor([0]))
+    assert torch.equal(apply_rotary_embedding(q, c, s), q)
+    x = torch.zeros(1, 1, 1, 16)
+    x[..., 0] = 1.0
+    c, s = rope_angles(config, torch.tensor([1]))
+    rotated = apply_rotary_embedding(x, c, s)[0, 0, 0]
+    assert rotated[:2].tolist() == pytest.approx([torch.cos(torch.tensor(1.0)).item(), torch.sin(torch.tensor(1.0)).item()])
+    assert rotated[2:].abs().max() == 0
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """Query head h uses kv head h // (n_heads / n_kv_heads): the grouping of enable_gqa and of HF's repeat_kv."""
+    gqa = tiny()
+    mha = Transformer(ModelConfig(**{**gqa.config.__dict__, "n_kv_heads": 4})).eval()
+    state = gqa.state_dict()
+    for i in range(gqa.config.n_layers):
+        for proj in ("k_proj", "v_proj"):
+            w = state[f"layers.{i}.attn.{proj}.weight"].view(2, 16, 64)
+            state[f"layers.{i}.attn.{proj}.weight"] = w.repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(state)
+    x = rand_tokens((2, 24))
+    with torch.no_grad():
+        assert torch.allclose(gqa(x), mha(x), atol=1e-5)
+
+
+def test_causal():
+    """Changing a later token leaves the logits of earlier positions unchanged."""
+    model = tiny()
+    x = rand_tokens((1, 20))
+    y = x.clone()
+    y[0, 12] = (y[0, 12] + 1) % 80
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-2
+
+
+def test_tied_embeddings():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny().parameters()) - 80 * 64
+
+
+# ---------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("chunks", [[6] + [1] * 26, [1] * 32, [5, 7, 9, 1, 1, 9]])
+def test_kv_cache_matches_full_forward(chunks):
+    """Prefill then one token at a time, or several multi-token chunks (each chunk's queries must see the
+    whole cache plus a causal mask over the chunk itself)."""
+    model = tiny()
+    x = rand_tokens((2, sum(chunks)))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.config, batch_size=2, max_len=40)
+        pieces, start = [], 0
+        for n in chunks:
+            pieces.append(model(x[:, start:start + n], cache=cache))
+            start += n
+            assert cache.length == start
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_stores_keys():
+    model = tiny()
+    cache = KVCache(model.config, batch_size=1, max_len=16)
+    assert cache.k.shape == (2, 1, 2, 16, 16)
+    with torch.no_grad():
+        model(rand_tokens((1, 5)), cache=cache)
+    assert cache.k[:, :, :, :5].abs().sum() > 0 and cache.k[:, :, :, 5:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- packed rows
+
+def test_packed_attention_equals_separate_documents():
+    model = tiny()
+    rows = [[7, 12, 5], [24]]  # document lengths in each packed row of 24 tokens
+    x = rand_tokens((2, 24), seed=3)
+    doc_ids = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in rows])
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in rows])
+    with torch.no_grad():
+        packed = model.hidden_states(x, positions=positions, doc_ids=doc_ids)
+        for r, row in enumerate(rows):
+            start = 0
+            for n in row:
+                alone = model.hidden_states(x[r:r + 1, start:start + n])
+                assert (packed[r, start:start + n] - alone[0]).abs().max().item() <= 1e-5
+                start += n
+        # without the document mask the later documents would see the earlier ones
+        unmasked = model.hidden_states(x, positions=positions)
+    assert (unmasked[0, 7:] - packed[0, 7:]).abs().max() > 1e-2
+
+
+def test_packed_loss_equals_sum_of_document_losses():
+    model = tiny()
+    x = rand_tokens((1, 20), seed=4)
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12])
+    positions = torch.tensor([list(range(8)) + list(range(12))])
+    labels = x.clone()
+    labels[0, 8] = IGNORE_INDEX  # the first token of a document is not predicted from the previous one
+    with torch.no_grad():
+        packed = model.loss(x, labels, positions=positions, doc_ids=doc_ids)
+        separate = model.loss(x[:, :8], x[:, :8]) + model.loss(x[:, 8:], x[:, 8:])
+    assert abs(packed.item() - separate.item()) <= 1e-4
+
+
+# ---------------------------------------------------------------- loss
+
+def _labels(x):
+    labels = x.clone()
+    labels[0, :5] = IGNORE_INDEX  # a prompt
+    labels[1, -3:] = IGNORE_INDEX  # padding
+    return labels
+
+
+def test_loss_is_shifted_sum_of_cross_entropy():
+    model = tiny()
+    x = rand_tokens((2, 16))
+    labels = _labels(x)
+    with torch.no_grad():
+        logits = model(x)
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, 80), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        got = model.loss(x, labels)
+    assert abs(got.item() - want.item()) <= 1e-4
+    n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().item()
+    assert n_targets == 30 - 4 - 3 and 1.0 < got.item() / n_targets < 50  # a sum, not a mean
+
+
+def _loss_and_grads(model, x, labels, **kw):
+    model.zero_grad()
+    loss = model.loss(x, labels, **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_full_loss(tie):
+    model = tiny(tie_embeddings=tie).train()
+    x = rand_tokens((2, 16))
+    labels = _labels(x)
+    loss, grads = _loss_and_grads(model, x, labels)
+    for chunk in (7, 32, 1000):
+        chunked, chunked_grads = _loss_and_grads(model, x, labels, chunk_size=chunk)
+        assert abs(chunked.item() - loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
+        for name, g in grads.items():
+            assert (chunked_grads[name] - g).abs().max().item() <= 1e-5, name
+    assert grads["embed_tokens.weight"].abs().max() > 0 and grads["layers.0.attn.q_proj.weight"].abs().max() > 0
+
+
+def test_grad_checkpointing_same_gradients():
+    model = tiny().train()
+    x = rand_tokens((2, 16))
+    labels = _labels(x)
+    loss, grads = _loss_and_grads(model, x, labels)
+    model.grad_checkpointing = True
+    ckpt_loss, ckpt_grads = _loss_and_grads(model, x, labels, chunk_size=8)
+    assert abs(ckpt_loss.item() - loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
+    for name, g in grads.items():
+        assert (ckpt_grads[name] - g).abs().max().item() <= 1e-5, name
+    # packed rows go through the checkpointed blocks with their mask
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10] * 2)
+    positions = torch.tensor([list(range(6)) + list(range(10))] * 2)
+    ckpt_loss, ckpt_grads = _loss_and_grads(model, x, labels, positions=positions, doc_ids=doc_ids)
+    model.grad_checkpointing = False
+    loss, grads = _loss_and_grads(model, x, labels, positions=positions, doc_ids=doc_ids)
+    assert abs(ckpt_loss.item() - loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
+    assert all((ckpt_grads[n] - g).abs().max().item() <= 1e-5 for n, g in grads.items())
+
+
+def test_init_weights_reproducible():
+    a, b = tiny(seed=5), tiny(seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.embed_tokens.weight, tiny(seed=6).embed_tokens.weight)
+    fresh = Transformer(copy.deepcopy(a.config))
+    fresh.init_weights()
+    assert torch.equal(fresh.norm.weight, torch.ones(64)) and 0.01 < fresh.embed_tokens.weight.std() < 0.03
