@@ -131,6 +131,7 @@ def read_meta(d: Path):
     params = _read_json(d / "params.json")
     loaded = [_torch_load(f) for f in shards]
     config = ModelConfig.from_meta(params, vocab_size=loaded[0]["tok_embeddings.weight"].shape[0])
+    config.tie_embeddings = "output.weight" not in loaded[0]  # Llama-3.2 1B/3B ship no separate head
     names = name_map("meta", config.n_layers)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
@@ -348,7 +349,7 @@ def atomic_write(path, write):
         raise
 
 
-def _save_safetensors(tensors: dict, path, metadata=None):
+def save_safetensors(tensors: dict, path, metadata=None):
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -368,7 +369,7 @@ def _model_tensors(model: Transformer) -> dict:
 def save_checkpoint(model: Transformer, directory):
     """This project's own format: model.safetensors under our names + model_config.json."""
     directory = Path(directory)
-    _save_safetensors(_model_tensors(model), directory / "model.safetensors")
+    save_safetensors(_model_tensors(model), directory / "model.safetensors")
     write_json(directory / "model_config.json", asdict(model.config))
 
 
@@ -386,5 +387,5 @@ def save_hf_checkpoint(model: Transformer, directory, dtype=None):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             t = hf_permute(t, c.n_heads if "q_proj" in name else c.n_kv_heads, to_hf=True)
         tensors[to_hf[name]] = t.to(dtype) if dtype else t
-    _save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     write_json(directory / "config.json", {**c.to_hf(), "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")})

@@ -95,10 +95,8 @@ def main(argv=None):
         from lora import load_adapter
         load_adapter(model, args.adapter)
     if args.template != "none":
-        from data import TEMPLATES, encode_prompt
-        if args.template not in TEMPLATES:
-            raise UserError(f"unknown template {args.template!r}; known: {', '.join(TEMPLATES)}")
-        prompt_ids = encode_prompt(args.prompt, tokenizer, TEMPLATES[args.template])
+        from data import encode_prompt, get_template
+        prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))
     else:
         prompt_ids = tokenizer.encode(args.prompt, bos=True)
     generator = torch.Generator(args.device).manual_seed(args.seed)

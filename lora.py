@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, write_json
+from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, save_safetensors, write_json
 from errors import UserError
 
 # short name (used on the command line) -> module path inside a Transformer layer (or the model)
@@ -275,12 +275,6 @@ def lora_state_dict(model: nn.Module) -> dict:
             for p_name, p in layer.named_parameters(recurse=False)}  # recurse=False: not base.weight
 
 
-def _save_safetensors(tensors: dict, path: Path, metadata=None):
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
 def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
     """adapter.safetensors (the LoRA tensors) + adapter_config.json (hyperparameters and the base
     model's config, so `load_adapter` can refuse a base of another shape). base_id: optional
@@ -289,7 +283,7 @@ def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
     config = {**lora_settings(model), "base": asdict(model.config)}
     if base_id:
         config["base_id"] = base_id
-    _save_safetensors(lora_state_dict(model), directory / ADAPTER_TENSORS, metadata={"format": "pt"})
+    save_safetensors(lora_state_dict(model), directory / ADAPTER_TENSORS, metadata={"format": "pt"})
     write_json(directory / ADAPTER_CONFIG, config)  # written last: its presence means the save finished
 
 
@@ -364,7 +358,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
     directory = Path(directory)
-    _save_safetensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_safetensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     write_json(directory / "adapter_config.json", config)
 
 

@@ -90,8 +90,12 @@ class ModelConfig:
         multiple_of = p.get("multiple_of", 256)
         hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
         scaling = None
-        if p.get("use_scaled_rope"):  # Llama-3.1+: the constants Meta's reference code hard-codes
-            scaling = {"factor": p.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
+        if p.get("use_scaled_rope"):  # Llama-3.1+: the constants Meta's reference code hard-codes;
+            # params.json does not say the factor: 32 for the Llama-3.2 1B/3B shapes, 8 otherwise (3.1),
+            # as in the Hugging Face configs of those models.
+            llama32 = (dim, p["n_layers"]) in ((2048, 16), (3072, 28))
+            factor = p.get("rope_scaling_factor") or (32.0 if llama32 else 8.0)
+            scaling = {"factor": factor, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         vocab = p.get("vocab_size", -1)
         return cls(dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],

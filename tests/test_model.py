@@ -101,6 +101,11 @@ def test_from_meta_scaled_rope():
     assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192}
     assert c == ModelConfig(**{**PRESETS["llama-3.1-8b"], "max_seq_len": 4096})
+    # Llama-3.2-1B's params.json (no factor given): 32, as in its Hugging Face config
+    p32 = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5,
+           "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    c32 = ModelConfig.from_meta(p32)
+    assert c32.rope_scaling == PRESETS["llama-3.2-1b"]["rope_scaling"] and c32.ffn_hidden == 8192
 
 
 # ---------------------------------------------------------------- pieces

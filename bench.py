@@ -1,0 +1,123 @@
+"""Training throughput of this project on a public model shape, as one JSON line.
+
+    python bench.py --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
+    python bench.py --shape tiny --device cpu --steps 2      # a CPU smoke test
+
+The same measurement as ../shared/bench/peer_hf_peft.py (Hugging Face transformers + PEFT): same
+shapes, flags and JSON fields, random weights (speed does not depend on the values). It runs the
+training step of train_sft.py itself (make_optimizer + train_step), not a special fast path.
+
+FLOPs per token for MFU (causal attention, recomputation not counted), as in the peer harness:
+    full: 6·N + 6·L·d·s      lora: 4·N + 6·L·d·s   (frozen weights get no weight-gradient)
+with N the parameters of all matmuls (output head included, embedding lookup excluded).
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from errors import UserError, run_cli
+from lora import apply_lora, parse_targets
+from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from train_sft import make_optimizer, train_step
+
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
+
+
+def matmul_params(c: ModelConfig) -> int:
+    attn = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
+    return c.n_layers * (attn + 3 * c.dim * c.ffn_hidden) + c.dim * c.vocab_size
+
+
+def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype) -> Transformer:
+    """A random model straight on the device: frozen base weights in `base_dtype` (LoRA), or
+    float32 master weights (full fine-tuning), as train_sft.py keeps them."""
+    dtype = base_dtype if method == "lora" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(c)
+    finally:
+        torch.set_default_dtype(previous)
+    model.init_weights(generator=torch.Generator(device).manual_seed(0))
+    return model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(PRESETS))
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head / all)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    p.add_argument("--prompt-frac", type=float, default=0.3, help="share of each row masked as prompt (-100)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--loss-chunk", type=int, default=4096, help="positions per output-head chunk (0 = whole batch)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+
+    c = ModelConfig.from_name(a.shape)
+    if a.seq_len > c.max_seq_len:
+        raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
+    precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    model = build(c, a.method, a.device, low)
+    if a.method == "lora":
+        targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
+        apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
+    model.grad_checkpointing = a.grad_ckpt
+    if a.compile:
+        for block in model.layers:
+            block.compile()
+    model.train()
+    optimizer = make_optimizer(model, 1e-4, 0.0, a.device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    B, S = a.batch_size, a.seq_len
+    g = torch.Generator(a.device).manual_seed(0)
+    tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
+    labels = tokens.clone()
+    labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
+    batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
+
+    def step():
+        return train_step(model, optimizer, [batch], a.device, precision, scaler, grad_clip=1.0, loss_chunk=a.loss_chunk)[0]
+
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(a.warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    sync()
+    dt = time.perf_counter() - t0
+
+    tok_s = B * S * a.steps / dt
+    per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    print(json.dumps({
+        "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
+        "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method == "lora" else None,
+        "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "mfu_vs_989T": round(tok_s * per_tok / H100_BF16_PEAK, 4),
+        "loss": round(float(loss), 4), "trainable_params": trainable,
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "compile": a.compile, "loss_chunk": a.loss_chunk,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,447 @@
+"""Supervised fine-tuning of a LLaMA-family model, in one loop you can read.
+
+    python train_sft.py                                    # built-in demo: tiny model, no downloads
+    python train_sft.py --checkpoint DIR --data alpaca.json   # the real thing (LoRA by default)
+
+One optimizer step:
+    for each of --grad-accum micro-batches:
+        loss = Σ cross-entropy over target tokens / (target tokens of the WHOLE accumulated batch)
+        loss.backward()                      # gradients add up across micro-batches
+    clip the gradient norm, AdamW step, learning rate from warmup + cosine.
+
+Dividing by the whole batch's target-token count makes 4 micro-batches of 2 examples give
+exactly the gradient of one batch of 8 (each token weighs the same, whichever micro-batch it
+fell in); dividing each micro-batch by its own count would not.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+from checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from errors import UserError, run_cli
+from generate import generate
+from lora import apply_lora, count_parameters, export_hf, merge_lora, parse_targets, save_adapter
+from model import IGNORE_INDEX, ModelConfig, Transformer
+from tokenizer import ByteTokenizer, Tokenizer
+
+ROOT = Path(__file__).resolve().parent
+DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
+# The classic Alpaca-LoRA recipe (tloen/alpaca-lora): r=16, alpha=32 (here), lr 3e-4, 3 epochs,
+# cut-off 512 tokens, effective batch 128 = micro-batch 4 × 32 accumulation steps.
+RECIPE = dict(method="lora", lr=3e-4, epochs=3, seq_len=512, batch_size=4, grad_accum=32, warmup_steps=100,
+              eval_every=200, save_every=200)
+# The demo trains a small random model from scratch on examples/alpaca_demo.json in about a minute
+# on a laptop CPU: it shows the whole pipeline, not a useful model.
+DEMO = dict(method="full", lr=2e-3, epochs=40, seq_len=256, batch_size=8, grad_accum=1, warmup_steps=10,
+            eval_every=50, save_every=100)
+DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352, vocab_size=ByteTokenizer.vocab_size,
+                          max_seq_len=256)
+# Settings that decide the model, the data order or the parameters: a resumed run must match them.
+RESUME_MUST_MATCH = ("checkpoint", "data", "val_data", "val_split", "template", "train_on_prompt", "method",
+                     "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "seq_len",
+                     "batch_size", "grad_accum", "seed", "packing")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", help="pretrained checkpoint (HF dir, Meta dir, llama2.c .bin/.pt, .gguf). Omitted: the built-in demo")
+    a("--tokenizer", help="tokenizer.model (default: found next to --checkpoint)")
+    a("--data", help=f"training data: Alpaca JSON/JSONL or chat JSONL (default: {DEMO_DATA.relative_to(ROOT)})")
+    a("--val-data", help="separate validation file (default: --val-split of --data)")
+    a("--val-split", type=float, default=0.05, help="fraction of --data held out for validation (default 0.05)")
+    a("--template", default=None, help="prompt template: alpaca, llama2-chat, llama3-chat, none (default alpaca)")
+    a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask), for comparison")
+    a("--out", default="out", help="output directory (default: out)")
+    a("--method", choices=["lora", "full"], help="LoRA adapters (default) or full fine-tuning")
+    a("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    a("--lora-alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha/r (default 32)")
+    a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    a("--lora-targets", default="q,k,v,o,gate,up,down", help="layers to adapt: any of q,k,v,o,gate,up,down,head, or all")
+    a("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    a("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    a("--seq-len", type=int, help="max tokens per example; longer ones are truncated (default 512)")
+    a("--batch-size", type=int, help="examples per micro-batch (default 4)")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step (default 32: effective batch 128)")
+    a("--lr", type=float, help="peak learning rate (default 3e-4)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices, never on norms (default 0)")
+    a("--warmup-steps", type=int, help="linear warmup steps before the cosine decay (default 100)")
+    a("--epochs", type=float, help="passes over the training data (default 3)")
+    a("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (default 1.0; 0 = off)")
+    a("--eval-every", type=int, help="validation loss + a sample every N steps (default 200)")
+    a("--save-every", type=int, help="checkpoint every N steps (default 200)")
+    a("--sample-prompt", help="instruction for the sample shown at each evaluation (default: first validation record)")
+    a("--seed", type=int, default=42)
+    a("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward (less memory)")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--loss-chunk", type=int, default=4096, help="positions per chunk of the output-head loss (0 = all at once)")
+    a("--packing", action="store_true", help="pack several examples per row (with document masking) instead of padding")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--merge", action="store_true", help="at the end also write the merged model (ours and Hugging Face format)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.demo = args.checkpoint is None
+    for key, value in (DEMO if args.demo else RECIPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.data = args.data or (str(DEMO_DATA) if args.demo else None)
+    if not args.data:
+        p.error("--data is required with --checkpoint")
+    args.template = args.template or "alpaca"
+    args.precision = args.precision or default_precision(args.device)
+    return args
+
+
+def default_precision(device: str) -> str:
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_dtype(precision: str):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def build_model(args):
+    """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32);
+    trainable weights (LoRA matrices, or everything for full fine-tuning) stay float32."""
+    low = autocast_dtype(args.precision)
+    if args.demo:
+        tokenizer = ByteTokenizer()
+        torch.manual_seed(args.seed)
+        model = Transformer(DEMO_CONFIG).to(args.device)
+        model.init_weights()
+    else:
+        base_dtype = low if (args.method == "lora" and low is not None) else torch.float32
+        model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=base_dtype)
+        ckpt = Path(args.checkpoint)
+        tokenizer = Tokenizer.from_file(args.tokenizer or (ckpt if ckpt.is_dir() else ckpt.parent))
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    if args.method == "lora":
+        torch.manual_seed(args.seed)
+        apply_lora(model, parse_targets(args.lora_targets), r=args.lora_r, alpha=args.lora_alpha,
+                   dropout=args.lora_dropout, rslora=args.rslora, dora=args.dora)
+    model.grad_checkpointing = args.grad_ckpt
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    return model, tokenizer
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW. Weight decay (if any) only on matrices: it pulls weights toward 0, which for LoRA's
+    A and B means toward the pretrained model, a sensible pull; norm gains belong near 1, not 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=str(device).startswith("cuda"))
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warmup from 0 to `peak`, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def count_targets(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t+1]
+
+
+def train_step(model, optimizer, micro_batches, device, precision, scaler=None, grad_clip=1.0, loss_chunk=0):
+    """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm)."""
+    n_targets = sum(count_targets(b) for b in micro_batches)
+    total = 0.0
+    amp = autocast_dtype(precision)
+    for b in micro_batches:
+        tensors = {k: v.to(device, non_blocking=True) for k, v in b.items() if v is not None}
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None):
+            loss_sum = model.loss(tensors["tokens"], tensors["labels"], tensors.get("positions"),
+                                  tensors.get("doc_ids"), chunk_size=loss_chunk)
+        loss = loss_sum / max(n_targets, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    loss_value = float(total)
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, float(grad_norm)
+    if scaler:
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, float(grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, precision, loss_chunk=0) -> float:
+    """Mean cross-entropy per target token over the validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    amp = autocast_dtype(precision)
+    for b in batches:
+        t = {k: v.to(device) for k, v in b.items() if v is not None}
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None):
+            total += float(model.loss(t["tokens"], t["labels"], t.get("positions"), t.get("doc_ids"), loss_chunk))
+        count += count_targets(b)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def estimate_memory(model, args) -> dict:
+    """Rough GiB the run needs: weights + gradients + AdamW moments + activations + logits."""
+    gib = 2 ** 30
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / gib
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    grads, adam = trainable * 4 / gib, trainable * 8 / gib  # float32 grads; two float32 moments
+    tokens = args.batch_size * args.seq_len
+    act_bytes = 2 if args.precision != "fp32" else 4
+    # Saved for backward per token and layer: ~8 d-wide tensors (norm outputs, q/k/v/attention
+    # output, residuals) and ~4 ffn-wide ones (gate, up, silu, product); with checkpointing only
+    # each block's input survives (plus one block's worth during its recomputation).
+    per_layer = tokens * (8 * c.dim + 4 * c.ffn_hidden) * act_bytes
+    activations = (tokens * c.dim * act_bytes * c.n_layers + per_layer if args.grad_ckpt else per_layer * c.n_layers) / gib
+    logit_rows = min(tokens, args.loss_chunk) if args.loss_chunk else tokens
+    logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes) / gib  # fp32 logits, their grad, the matmul output
+    est = dict(weights=weights, gradients=grads, optimizer=adam, activations=activations, logits=logits)
+    est["total"] = sum(est.values())
+    return est
+
+
+def print_memory(est, device):
+    line = ", ".join(f"{k} {v:.2f}" for k, v in est.items() if k != "total")
+    have = ""
+    if str(device).startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        have = f"; this GPU has {total / 2**30:.1f} GiB ({free / 2**30:.1f} free)"
+    print(f"memory estimate: {est['total']:.2f} GiB = {line}{have}", flush=True)
+
+
+def save_state(out: Path, model, optimizer, scaler, step):
+    """Everything needed to continue exactly, in ONE file written atomically (write + rename):
+    trainable weights, AdamW moments, step (which fixes the data position and the schedule) and RNG."""
+    state = {"model": {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)},
+             "optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
+             "scaler": scaler.state_dict() if scaler else None}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(out: Path, model, optimizer, scaler) -> int:
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint in {out} (expected {path.name})")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # untrusted file: tensors only
+    missing = _trainable_names(model) - set(state["model"])
+    if missing:
+        raise UserError(f"--resume: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"]
+
+
+def prepare_out(args) -> Path:
+    """Refuse to overwrite another run; on --resume, refuse a config that changes the run."""
+    out = Path(args.out)
+    run_config = {k: v for k, v in vars(args).items()}
+    previous = out / "config.json"
+    if args.resume:
+        if not previous.exists():
+            raise UserError(f"--resume: {out} holds no run (no config.json)")
+        old = json.loads(previous.read_text())
+        changed = [k for k in RESUME_MUST_MATCH if old.get(k) != run_config.get(k)]
+        if changed:
+            raise UserError(f"--resume: {out} was trained with different settings: "
+                            + ", ".join(f"{k} {old.get(k)!r} → {run_config.get(k)!r}" for k in changed))
+    elif previous.exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        write_json(previous, run_config)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror}") from None
+    return out
+
+
+def log_metrics(out: Path, row: dict):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(out: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set(xlabel="optimizer step", ylabel="loss per target token", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:
+        print("demo: no --checkpoint, so a tiny random model is trained from scratch on "
+              f"{Path(args.data).name}.\n      For a real run: python train_sft.py --checkpoint DIR --data alpaca.json "
+              "(README: 'Run it for real')")
+    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
+    out = prepare_out(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer = build_model(args)
+    trainable, total = count_parameters(model)
+    print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%) [{args.method}]")
+
+    # ---- data: records → (input_ids, labels) → batches
+    seq_len = min(args.seq_len, model.config.max_seq_len)
+    records = data.load_records(args.data)
+    if args.val_data:
+        train_records, val_records = records, data.load_records(args.val_data)
+    else:
+        train_records, val_records = data.split_train_val(records, args.val_split, seed=args.seed)
+    template = data.get_template(args.template)
+    train_ex, stats = data.encode_dataset(train_records, tokenizer, template, seq_len, args.train_on_prompt, source=args.data)
+    val_ex = data.encode_dataset(val_records, tokenizer, template, seq_len, args.train_on_prompt, source=args.val_data or args.data)[0] if val_records else []
+    print(f"data: {stats['records']} training records → {stats['kept']} kept, {stats['truncated']} truncated, "
+          f"{stats['dropped']} dropped; {len(val_ex)} validation examples")
+    pad_id = tokenizer.eos_id
+
+    @functools.lru_cache(maxsize=2)
+    def batches_of(epoch):  # each epoch has its own shuffle, fixed by (seed, epoch)
+        return data.make_batches(train_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
+                                 packing=args.packing, seed=args.seed, epoch=epoch)
+    n_micro = len(batches_of(0))
+    val_batches = data.make_batches(val_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
+                                    packing=args.packing, shuffle=False) if val_ex else []
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * n_micro / args.grad_accum))
+    print(f"batches: {n_micro} micro-batches per epoch, {total_steps} optimizer steps "
+          f"(batch {args.batch_size} × accumulation {args.grad_accum}), "
+          f"{100 * data.batch_efficiency(batches_of(0)):.1f}% of batch tokens are real")
+    print_memory(estimate_memory(model, argparse.Namespace(**{**vars(args), "seq_len": seq_len})), args.device)
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+    step = load_state(out, model, optimizer, scaler) if args.resume else 0
+    # The sample shown at each evaluation: a held-out prompt, except in the demo, whose tiny model
+    # can only memorise, so there it answers a training prompt.
+    sample_prompt = args.sample_prompt or (val_records[0] if val_records and not args.demo else train_records[0])
+    model.train()
+
+    def micro_batches_for(step):
+        """The micro-batches of optimizer step `step`: a pure function of the step, so resuming is exact."""
+        first = step * args.grad_accum
+        return [batches_of(i // n_micro)[i % n_micro] for i in range(first, first + args.grad_accum)]
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            lr = lr_at(step, args.lr, args.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = micro_batches_for(step)
+            try:
+                loss, grad_norm = train_step(model, optimizer, micro, args.device, args.precision, scaler,
+                                             args.grad_clip, args.loss_chunk)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"out of GPU memory at step {step + 1} with --batch-size {args.batch_size} × "
+                                f"--seq-len {seq_len}: lower --batch-size (raise --grad-accum to keep the "
+                                "effective batch), or add --grad-ckpt") from None
+            if not math.isfinite(loss):
+                hint = " (fp16 overflows easily: try --precision bf16 or fp32)" if args.precision == "fp16" else \
+                       " (try a lower --lr)"
+                raise UserError(f"loss is {loss} at step {step + 1}; stopped before updating the weights{hint}. "
+                                f"The last good checkpoint is in {out}")
+            step += 1
+            tokens_since += sum(int(b["lengths"].sum()) for b in micro)  # real tokens, padding not counted
+            now = time.perf_counter()
+            tok_s = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            mem = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+            log_metrics(out, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s),
+                              "peak_mem_gib": round(mem, 2)})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.1f}G")
+            bar.update(1)
+            if val_batches and (step % args.eval_every == 0 or step == total_steps):
+                val_loss = evaluate(model, val_batches, args.device, args.precision, args.loss_chunk)
+                sample = show_sample(model, tokenizer, template, sample_prompt)
+                log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})\n  sample: {sample!r}")
+            if step % args.save_every == 0 and step < total_steps:
+                save_state(out, model, optimizer, scaler, step)
+    except KeyboardInterrupt:
+        bar.close()
+        save_state(out, model, optimizer, scaler, step)
+        print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the same command plus --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    save_state(out, model, optimizer, scaler, step)
+    finish(args, out, model, tokenizer)
+
+
+def show_sample(model, tokenizer, template, prompt, max_new_tokens=48) -> str:
+    ids = data.encode_prompt(prompt, tokenizer, template)
+    return tokenizer.decode(list(generate(model, tokenizer, ids, max_new_tokens, temperature=0.0)))
+
+
+def finish(args, out: Path, model, tokenizer):
+    """Write what the user came for: the adapter (LoRA) or the model (full), optionally merged/exported."""
+    if args.method == "lora":
+        save_adapter(model, out / "adapter", base_id={"checkpoint": args.checkpoint})
+        print(f"saved the adapter to {out / 'adapter'}")
+        if args.merge:
+            merge_lora(model)
+    if args.method == "full" or args.merge:
+        save_checkpoint(model, out / "model")
+        print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
+    if args.merge:
+        tok_dir = None if args.demo else Path(args.tokenizer or args.checkpoint)
+        export_hf(model, out / "hf", tokenizer_dir=tok_dir if tok_dir and tok_dir.is_dir() else (tok_dir.parent if tok_dir else None))
+        print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
+    plot_losses(out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
