@@ -17,7 +17,7 @@ for group in "$@"; do
     8b)  pair --shape llama-3-8b --method lora --batch-size 2 --seq-len 2048
          pair --shape llama-3-8b --method lora --batch-size 4 --seq-len 2048 --grad-ckpt
          pair --shape llama-2-7b --method lora --batch-size 4 --seq-len 2048 ;;
-    8b-long)  pair --shape llama-3.1-8b --method lora --batch-size 2 --seq-len 4096 --grad-ckpt ;;
+    8b-long)  pair --shape llama-3.1-8b --method lora --batch-size 2 --seq-len 4096 ;;
     8b-small) timeout 500 python3 bench.py --shape llama-3-8b --method lora --batch-size 1 --seq-len 2048 --grad-ckpt ${OURS:-} ;;
     *) echo "unknown group $group (1b, 8b, 8b-long, 8b-small)"; exit 2 ;;
   esac
