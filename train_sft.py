@@ -99,6 +99,9 @@ def parse_args(argv=None):
     args.data = args.data or (str(DEMO_DATA) if args.demo else None)
     if not args.data:
         p.error("--data is required with --checkpoint")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 would divide by zero or train nothing
+            p.error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     args.template = args.template or "alpaca"
     args.precision = args.precision or default_precision(args.device)
     return args
@@ -284,7 +287,8 @@ def prepare_out(args) -> Path:
         if changed:
             raise UserError(f"--resume: {out} was trained with different settings: "
                             + ", ".join(f"{k} {old.get(k)!r} → {run_config.get(k)!r}" for k in changed))
-    elif previous.exists():
+    elif previous.exists() and any((out / f).exists() for f in ("checkpoint.pt", "metrics.jsonl")):
+        # (config.json alone is a run that failed before its first step, e.g. on a wrong path: nothing to lose)
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     try:
         write_json(previous, run_config)
@@ -363,6 +367,10 @@ def main(argv=None):
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
     scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
     step = load_state(out, model, optimizer, scaler) if args.resume else 0
+    if args.resume and (out / "metrics.jsonl").exists():
+        # steps logged after the checkpoint are done again: drop their rows, or they would appear twice
+        rows = [line for line in open(out / "metrics.jsonl") if json.loads(line)["step"] <= step]
+        atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(rows)))
     # The sample shown at each evaluation: a held-out prompt, except in the demo, whose tiny model
     # can only memorise, so there it answers a training prompt.
     sample_prompt = args.sample_prompt or (val_records[0] if val_records and not args.demo else train_records[0])
@@ -391,8 +399,9 @@ def main(argv=None):
             if not math.isfinite(loss):
                 hint = " (fp16 overflows easily: try --precision bf16 or fp32)" if args.precision == "fp16" else \
                        " (try a lower --lr)"
-                raise UserError(f"loss is {loss} at step {step + 1}; stopped before updating the weights{hint}. "
-                                f"The last good checkpoint is in {out}")
+                saved = f"The last good checkpoint is in {out}" if (out / "checkpoint.pt").exists() else \
+                        f"No checkpoint was saved before it (--save-every {args.save_every})"
+                raise UserError(f"loss is {loss} at step {step + 1}; stopped before updating the weights{hint}. {saved}")
             step += 1
             tokens_since += sum(int(b["lengths"].sum()) for b in micro)  # real tokens, padding not counted
             now = time.perf_counter()

@@ -1,0 +1,500 @@
+"""train_sft.py: the training loop end to end, on the built-in demo model and on the real stories260K.
+
+What is checked: a tiny model overfits a few examples; gradient accumulation gives the gradient of
+one big batch; a crashed or interrupted run resumes bit-exactly; checkpoints are written atomically;
+a NaN loss stops the run before it touches the weights; bad input gets one line and exit status 2,
+and never clobbers an earlier run; the learning-rate schedule and the memory estimate; --merge.
+
+Runs call train_sft.main in-process (a few seconds in all); failures are injected by monkeypatching
+train_step, Transformer.loss or torch.save.
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train_sft
+from checkpoint import load_checkpoint
+from conftest import ROOT, shared_path
+from errors import UserError, run_cli
+from generate import generate
+from lora import apply_lora, load_adapter
+from model import ModelConfig, Transformer
+from tokenizer import ByteTokenizer
+
+DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
+
+
+# ---------------------------------------------------------------- helpers
+
+def write_records(path: Path, records) -> str:
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def run(argv):
+    train_sft.main([str(a) for a in argv])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict:
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def saved_state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def files_of(directory: Path) -> dict:
+    """{relative path: bytes} of everything under `directory` (to prove nothing was touched)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max():.3g}"
+
+
+def fail_train_step_at(monkeypatch, call: int, exc: BaseException):
+    """Make the call-th train_step raise `exc` before doing anything (so no RNG is consumed)."""
+    real, calls = train_sft.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_sft, "train_step", flaky)
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    """8 short demo records (22-57 bytes with --template none) and 3 others for validation."""
+    return write_records(tmp_path / "train.json", DEMO_RECORDS[:8]), write_records(tmp_path / "val.json", DEMO_RECORDS[8:11])
+
+
+def demo_argv(train, out, *extra):
+    """The demo model (full fine-tuning, byte tokenizer) at a small size: 4 micro-batches of 2 per epoch."""
+    return ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
+            "--grad-accum", 2, "--val-split", 0, "--warmup-steps", 2, "--save-every", 100, *extra]
+
+
+def stories_argv(out, *extra):
+    """LoRA on the real stories260K checkpoint and real Alpaca data (10 of 23 records fit in 128 tokens)."""
+    return ["--checkpoint", shared_path("models", "stories260K"), "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+            "--out", out, "--seq-len", 128, "--batch-size", 2, "--grad-accum", 2, "--val-split", 0,
+            "--lr", 1e-2, "--warmup-steps", 2, *extra]
+
+
+# ---------------------------------------------------------------- 1. the demo model overfits
+
+def test_overfits_a_handful_of_examples(tmp_path, demo_data):
+    out = tmp_path / "out"
+    run(["--data", demo_data[0], "--out", out, "--template", "none", "--seq-len", 64, "--val-split", 0,
+         "--max-steps", 60, "--save-every", 1000])  # batch 8 (demo default): the 8 records are one batch
+    losses = train_losses(out)
+    assert list(losses) == list(range(1, 61))
+    # a random init predicts ~uniformly over the 258 byte tokens; observed: 5.54 → 0.07 after 60 steps
+    assert abs(losses[1] - math.log(ByteTokenizer.vocab_size)) < 0.1
+    assert losses[60] < 0.25
+    assert losses[60] < losses[1] / 20
+    # memorised: greedy decoding of a training prompt with the saved model gives its answer back
+    model, _ = load_checkpoint(out / "model")
+    tok, template = ByteTokenizer(), data.get_template("none")
+    record = DEMO_RECORDS[0]
+    answer = tok.decode(list(generate(model.eval(), tok, data.encode_prompt(record["instruction"], tok, template),
+                                      max_new_tokens=40, temperature=0)))
+    assert answer == record["output"]
+
+
+# ---------------------------------------------------------------- 2. gradient accumulation
+
+ACCUM_CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
+
+
+def accum_batches():
+    """8 examples of very different lengths: as 1 micro-batch of 8 and as 4 micro-batches of 2."""
+    tok, template = ByteTokenizer(), data.get_template("none")
+    records = [{"instruction": f"Q{i}:", "input": "", "output": "ab" * n} for i, n in
+               enumerate([2, 60, 5, 3, 40, 90, 7, 25])]
+    examples = [data.encode_example(r, tok, template, 256) for r in records]
+    one = [data.collate([[e] for e in examples], tok.eos_id, packed=False)]
+    four = [data.collate([[e] for e in examples[i:i + 2]], tok.eos_id, packed=False) for i in range(0, 8, 2)]
+    return one, four
+
+
+def fresh_model():
+    model = Transformer(ACCUM_CONFIG)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model.train()
+
+
+def flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def train_step_grads(micro_batches, loss_chunk):
+    """(loss, {name: gradient}) of one train_step; the optimizer's step only records the gradients."""
+    model = fresh_model()
+    optimizer = train_sft.make_optimizer(model, 0.0, 0.0, "cpu")
+    grads = {}
+    optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    loss, _ = train_sft.train_step(model, optimizer, micro_batches, "cpu", "fp32", grad_clip=0, loss_chunk=loss_chunk)
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    return loss, grads
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 16])
+def test_grad_accumulation_equals_one_big_batch(loss_chunk):
+    one, four = accum_batches()
+    counts = [train_sft.count_targets(b) for b in four]
+    assert len(set(counts)) == 4 and sum(counts) == train_sft.count_targets(one[0])  # uneven micro-batches
+    loss_1, g_1 = train_step_grads(one, loss_chunk)
+    loss_4, g_4 = train_step_grads(four, loss_chunk)
+    assert g_1.keys() == g_4.keys() and len(g_1) == len(list(fresh_model().parameters()))
+    assert abs(loss_1 - loss_4) <= 1e-6 * loss_1
+    for name in g_1:
+        assert (g_1[name] - g_4[name]).norm() <= 1e-6 * g_1[name].norm(), name
+    assert (flat(g_1) - flat(g_4)).norm() <= 1e-6 * flat(g_1).norm()
+
+    # The tempting alternative, a mean per micro-batch (then averaged), is NOT the same gradient.
+    model = fresh_model()
+    for b in four:
+        (model.loss(b["tokens"], b["labels"], chunk_size=loss_chunk) / train_sft.count_targets(b) / len(four)).backward()
+    per_micro = flat({n: p.grad for n, p in model.named_parameters()})
+    assert (per_micro - flat(g_1)).norm() > 1e-2 * flat(g_1).norm()
+
+
+def test_evaluate_is_the_mean_over_target_tokens_and_keeps_train_mode():
+    one, four = accum_batches()
+    model = fresh_model()
+    with torch.no_grad():
+        expected = float(model.loss(one[0]["tokens"], one[0]["labels"])) / train_sft.count_targets(one[0])
+    assert train_sft.evaluate(model, four, "cpu", "fp32") == pytest.approx(expected, rel=1e-6)
+    assert model.training
+
+
+# ---------------------------------------------------------------- 3. exact resume
+
+def crash_then_resume(monkeypatch, argv, crash_step):
+    """Run `argv` until train_step crashes at crash_step, then run the same command plus --resume."""
+    with monkeypatch.context() as m:
+        fail_train_step_at(m, crash_step, RuntimeError("simulated crash"))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(argv)
+    run(argv + ["--resume"])
+
+
+def test_lora_resume_is_exact_on_stories260k(tmp_path, monkeypatch):
+    val = write_records(tmp_path / "val.json", [{"instruction": "Say hi.", "output": "Hi there."},
+                                                {"instruction": "Name a color.", "output": "Blue."}])
+    # dropout > 0: the resumed run must restore the RNG to draw the same masks; an evaluation
+    # (with a generated sample) at step 3 must not disturb anything either.
+    args = ["--lora-dropout", 0.1, "--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(stories_argv(straight, *args))
+    crash_then_resume(monkeypatch, stories_argv(resumed, *args), crash_step=4)
+
+    a, b = saved_state(straight), saved_state(resumed)
+    assert a["step"] == b["step"] == 6
+    assert a["model"] and all(".lora_" in k for k in a["model"])  # only the adapters are trainable
+    assert_same_tensors(a["model"], b["model"])
+    assert all(v.abs().max() > 0 for k, v in a["model"].items() if k.endswith("lora_B"))  # B moved from its 0 init
+    assert (straight / "adapter" / "adapter.safetensors").read_bytes() == (resumed / "adapter" / "adapter.safetensors").read_bytes()
+    assert train_losses(straight) == train_losses(resumed)  # steps 4-6 of the resumed run: the same losses
+    assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [3, 6]
+
+
+def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo_data):
+    train, val = demo_data
+    args = ["--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]  # crosses epochs (4 micro-batches each)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(demo_argv(train, straight, *args))
+    crash_then_resume(monkeypatch, demo_argv(train, resumed, *args), crash_step=5)  # last checkpoint: step 3
+
+    a, b = saved_state(straight), saved_state(resumed)
+    assert a["step"] == b["step"] == 6
+    assert len(a["model"]) == len(list(Transformer(train_sft.DEMO_CONFIG).parameters()))  # every weight
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(load_checkpoint(straight / "model")[0].state_dict(), load_checkpoint(resumed / "model")[0].state_dict())
+    assert train_losses(straight) == train_losses(resumed)
+    assert train_losses(straight)[6] < train_losses(straight)[1] - 1  # it did train
+    # step 4 ran twice (before the crash, and after resuming from step 3) but is logged once
+    assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(resumed)] == \
+           [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(straight)]
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 3, 4, 5, 6, 6]  # training rows; validation at 3 and 6
+
+
+# ---------------------------------------------------------------- 4. atomic checkpoints
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, demo_data):
+    out = tmp_path / "out"
+    argv = demo_argv(demo_data[0], out, "--max-steps", 6, "--save-every", 2)
+    real_save, targets, before = torch.save, [], {}
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        targets.append(Path(f))
+        if len(targets) == 2:  # the save at step 4: half a file, then the disk is full
+            before["checkpoint"] = (out / "checkpoint.pt").read_bytes()
+            Path(f).write_bytes(b"PK\x03\x04 half a zip file")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full_on_second_save)
+        with pytest.raises(OSError, match="No space left"):
+            run(argv)
+    assert len(targets) == 2
+    assert targets[1].parent == out and targets[1].name != "checkpoint.pt"  # written beside, under another name
+    assert (out / "checkpoint.pt").read_bytes() == before["checkpoint"]
+    assert saved_state(out)["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]  # no temp file
+    run(argv + ["--resume"])  # and the run goes on from step 2
+    assert saved_state(out)["step"] == 6
+
+
+# ---------------------------------------------------------------- 5. NaN loss
+
+@pytest.mark.parametrize("save_every", [2, 100])
+def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsys, demo_data, save_every):
+    out = tmp_path / "out"
+    real_loss, real_step = Transformer.loss, train_sft.train_step
+    calls, after_step, models = [], [], []
+
+    def loss_nan_at_step_3(self, *args, **kwargs):
+        value = real_loss(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 6:  # step 3's second micro-batch (--grad-accum 2): its first one already backpropagated
+                return value * float("nan")
+        return value
+
+    def spy(model, *args, **kwargs):
+        result = real_step(model, *args, **kwargs)
+        models.append(model)
+        if math.isfinite(result[0]):
+            after_step.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return result
+
+    monkeypatch.setattr(Transformer, "loss", loss_nan_at_step_3)
+    monkeypatch.setattr(train_sft, "train_step", spy)
+    argv = demo_argv(demo_data[0], out, "--max-steps", 6, "--save-every", save_every)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_sft.main, [str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: loss is nan at step 3; stopped before updating the weights (try a lower --lr). ")
+    assert len(after_step) == 2 and len(models) == 3
+    model = models[-1]
+    assert not torch.equal(after_step[0]["norm.weight"], after_step[1]["norm.weight"])  # steps do move the weights
+    for name, p in model.named_parameters():
+        assert torch.equal(p, after_step[1][name]), name  # ... but the NaN step did not
+        assert p.grad is None  # nor left its gradients for the next step
+    assert train_losses(out).keys() == {1, 2}
+    if save_every == 2:
+        assert f"The last good checkpoint is in {out}" in err
+        state = saved_state(out)
+        assert state["step"] == 2
+        assert_same_tensors(state["model"], after_step[1])
+    else:
+        assert "No checkpoint was saved before it (--save-every 100)" in err
+        assert not (out / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- 6. Ctrl-C
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys, demo_data):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    args = ["--max-steps", 6]  # --save-every 100: the only checkpoint is the one Ctrl-C writes
+    run(demo_argv(demo_data[0], straight, *args))
+    with monkeypatch.context() as m:
+        fail_train_step_at(m, 4, KeyboardInterrupt())
+        with pytest.raises(SystemExit) as exit_info:
+            run(demo_argv(demo_data[0], interrupted, *args))
+    assert exit_info.value.code == 130
+    assert f"interrupted: saved step 3 to {interrupted / 'checkpoint.pt'}" in capsys.readouterr().err
+    assert saved_state(interrupted)["step"] == 3
+    assert not (interrupted / "model").exists()  # the run did not finish
+
+    run(demo_argv(demo_data[0], interrupted, *args, "--resume"))
+    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4, 5, 6]  # continued at 4, nothing repeated
+    assert train_losses(interrupted) == train_losses(straight)
+    assert_same_tensors(saved_state(interrupted)["model"], saved_state(straight)["model"])
+
+
+def test_ctrl_c_before_the_first_step(tmp_path, monkeypatch, demo_data):
+    out = tmp_path / "out"
+    argv = demo_argv(demo_data[0], out, "--max-steps", 2)
+    with monkeypatch.context() as m:
+        fail_train_step_at(m, 1, KeyboardInterrupt())
+        with pytest.raises(SystemExit, match="130"):
+            run(argv)
+    assert saved_state(out)["step"] == 0 and not (out / "metrics.jsonl").exists()
+    run(argv + ["--resume"])
+    assert list(train_losses(out)) == [1, 2]
+
+
+# ---------------------------------------------------------------- 7. bad input
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    run(stories_argv(out, "--max-steps", 1))
+    return out
+
+
+def fails_with(argv, message: str):
+    with pytest.raises(UserError) as info:
+        run(argv)
+    text = str(info.value)
+    assert "\n" not in text
+    assert message in text, text
+    return text
+
+
+def test_missing_checkpoint(tmp_path, earlier_run):
+    before = files_of(earlier_run)
+    out, missing = tmp_path / "out", tmp_path / "no-such-model"
+    fails_with(stories_argv(out, "--checkpoint", missing), f"checkpoint not found: {missing}")
+    train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))  # the fixed command may use --out
+    assert files_of(earlier_run) == before
+
+
+def test_missing_data(tmp_path):
+    out, missing = tmp_path / "out", tmp_path / "no-such.json"
+    fails_with(stories_argv(out, "--data", missing), f"data file not found: {missing}")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()
+    train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))
+
+
+def test_missing_data_on_the_command_line(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train_sft.py", "--data", "no-such.json", "--out", str(out), "--max-steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: data file not found: no-such.json\n"
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_unwritable_out(tmp_path, under):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    out = a_file / under if under else a_file
+    fails_with(stories_argv(out), f"cannot write to --out {out}: ")
+    assert a_file.read_text() == "not a directory"
+
+
+def test_out_holding_another_run(earlier_run):
+    before = files_of(earlier_run)
+    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "adapter/adapter.safetensors"} <= before.keys()
+    fails_with(stories_argv(earlier_run, "--lora-r", 8),
+               f"{earlier_run} already holds a run; pass --resume to continue it or choose another --out")
+    fails_with(stories_argv(earlier_run), "already holds a run")  # even the same settings: never silently restarted
+    assert files_of(earlier_run) == before
+
+
+def test_unknown_lora_target(tmp_path):
+    out = tmp_path / "out"
+    fails_with(stories_argv(out, "--lora-targets", "q,foo"), "unknown LoRA target 'foo'; valid: q, k, v, o, gate, up, down, head, all")
+    train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))
+
+
+def test_resume_with_other_settings(earlier_run):
+    before = files_of(earlier_run)
+    fails_with(stories_argv(earlier_run, "--lora-r", 8, "--resume"),
+               f"--resume: {earlier_run} was trained with different settings: lora_r 16 → 8")
+    fails_with(stories_argv(earlier_run, "--seed", 1, "--batch-size", 4, "--resume"), "batch_size 2 → 4, seed 42 → 1")
+    assert files_of(earlier_run) == before
+
+
+def test_resume_without_a_run(tmp_path):
+    fails_with(stories_argv(tmp_path / "empty", "--resume"), f"--resume: {tmp_path / 'empty'} holds no run (no config.json)")
+
+
+@pytest.mark.parametrize("option", ["--save-every", "--batch-size", "--grad-accum", "--seq-len", "--eval-every"])
+def test_zero_sizes_are_refused(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        train_sft.parse_args(["--out", str(tmp_path / "out"), option, "0"])
+    assert exit_info.value.code == 2
+    assert f"error: {option} must be at least 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 8. schedule and memory estimate
+
+def test_lr_warmup_then_cosine():
+    lr = [train_sft.lr_at(s, 1.0, warmup=4, total=14) for s in range(16)]
+    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, reaching the peak at its last step
+    assert lr[4] == pytest.approx(1.0)  # cosine from the peak ...
+    assert lr[9] == pytest.approx(0.5)  # halfway through the decay
+    assert lr[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr[14] == pytest.approx(0.0, abs=1e-12) and lr[15] == pytest.approx(0.0, abs=1e-12)  # ... to 0, and stays
+    assert all(a >= b for a, b in zip(lr[4:], lr[5:]))
+    assert train_sft.lr_at(0, 3e-4, warmup=0, total=10) == pytest.approx(3e-4)  # no warmup: the peak at once
+
+
+def memory(model, batch_size=4, grad_ckpt=False, precision="fp32"):
+    args = argparse.Namespace(batch_size=batch_size, seq_len=256, precision=precision, grad_ckpt=grad_ckpt, loss_chunk=4096)
+    return train_sft.estimate_memory(model, args)
+
+
+def test_estimate_memory():
+    model = Transformer(train_sft.DEMO_CONFIG)
+    n = sum(p.numel() for p in model.parameters())
+    est = memory(model)
+    assert set(est) == {"weights", "gradients", "optimizer", "activations", "logits", "total"}
+    assert all(v > 0 for v in est.values())
+    assert est["weights"] == est["gradients"] == n * 4 / 2**30 and est["optimizer"] == 2 * est["weights"]
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+    bigger = memory(model, batch_size=8)
+    assert bigger["activations"] == pytest.approx(2 * est["activations"]) and bigger["total"] > est["total"]
+    assert bigger["weights"] == est["weights"]
+    ckpt = memory(model, grad_ckpt=True)
+    assert ckpt["activations"] < est["activations"] / 2 and ckpt["total"] < est["total"]
+    assert memory(model, precision="bf16")["activations"] == pytest.approx(est["activations"] / 2)
+    torch.manual_seed(0)
+    apply_lora(model, "q,v", r=4)  # LoRA: gradients and AdamW moments only for the adapters
+    lora = memory(model)
+    assert 0 < lora["gradients"] < est["gradients"] / 10 and lora["optimizer"] == 2 * lora["gradients"]
+
+
+# ---------------------------------------------------------------- 9. end to end with --merge
+
+def test_lora_merge_end_to_end(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    at_end = {}
+    real_finish = train_sft.finish
+
+    def finish(args, out, model, tokenizer):  # the logits of the trained LoRA model, before it is merged
+        model.eval()
+        with torch.no_grad():
+            at_end["logits"] = model(tokens)
+        real_finish(args, out, model, tokenizer)
+    monkeypatch.setattr(train_sft, "finish", finish)
+    run(stories_argv(out, "--max-steps", 3, "--warmup-steps", 1, "--merge"))
+
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    base, _ = load_checkpoint(shared_path("models", "stories260K"))
+    with torch.no_grad():
+        base_logits = base.eval()(tokens)
+        adapted = load_adapter(base, out / "adapter").eval()(tokens)
+        merged = load_checkpoint(out / "model")[0].eval()(tokens)
+        hf = load_checkpoint(out / "hf")[0].eval()(tokens)
+    assert (at_end["logits"] - base_logits).abs().max() > 1e-2  # 3 steps at lr 1e-2 did change the model
+    assert torch.allclose(adapted, at_end["logits"], atol=1e-5)
+    assert torch.allclose(merged, at_end["logits"], atol=1e-4)
+    assert torch.allclose(hf, merged, atol=1e-5)
