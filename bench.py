@@ -13,6 +13,7 @@ with N the parameters of all matmuls (output head included, embedding lookup exc
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -62,6 +63,7 @@ def main(argv=None):
     p.add_argument("--loss-chunk", type=int, default=4096, help="positions per output-head chunk (0 = whole batch)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
     a = p.parse_args(argv)
 
     c = ModelConfig.from_name(a.shape)
@@ -103,6 +105,14 @@ def main(argv=None):
         loss = step()
     sync()
     dt = time.perf_counter() - t0
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+            sync()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70), file=sys.stderr)
 
     tok_s = B * S * a.steps / dt
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
