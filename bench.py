@@ -21,6 +21,7 @@ import torch
 from errors import UserError, run_cli
 from lora import apply_lora, parse_targets
 from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
 from train_sft import make_optimizer, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
@@ -32,24 +33,35 @@ def matmul_params(c: ModelConfig) -> int:
 
 
 def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype) -> Transformer:
-    """A random model straight on the device: frozen base weights in `base_dtype` (LoRA), or
-    float32 master weights (full fine-tuning), as train_sft.py keeps them."""
-    dtype = base_dtype if method == "lora" else torch.float32
+    """A random model straight on the device: frozen base weights in `base_dtype` (LoRA), in NF4
+    (QLoRA), or float32 master weights (full fine-tuning), as train_sft.py keeps them."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
+    torch.set_default_dtype(torch.float32 if method == "full" else base_dtype)
+    try:  # QLoRA starts on the meta device: a 16-bit 70B model would not fit on the GPU
+        with torch.device("meta" if method == "qlora" else device):
             model = Transformer(c)
     finally:
         torch.set_default_dtype(previous)
-    model.init_weights(generator=torch.Generator(device).manual_seed(0))
+    g = torch.Generator(device).manual_seed(0)
+    if method == "qlora":
+        for name, module in list(model.named_modules()):  # one 16-bit matrix at a time, then NF4
+            if name.endswith(QUANTIZED_LAYERS):
+                w = torch.empty(module.weight.shape, device=device, dtype=base_dtype).normal_(0, 0.02, generator=g)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, NF4Linear.from_weight(w, compute_dtype=base_dtype))
+        for module in model.modules():  # embedding, norms, head: real (uninitialised) memory
+            if not isinstance(module, NF4Linear):
+                module.to_empty(device=device, recurse=False)
+        if c.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights(generator=g)
     return model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(PRESETS))
-    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -60,7 +72,7 @@ def main(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--prompt-frac", type=float, default=0.3, help="share of each row masked as prompt (-100)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--loss-chunk", type=int, default=4096, help="positions per output-head chunk (0 = whole batch)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="positions per output-head chunk (0 = whole batch)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
@@ -72,13 +84,12 @@ def main(argv=None):
     precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
     low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     model = build(c, a.method, a.device, low)
-    if a.method == "lora":
+    if a.method in ("lora", "qlora"):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
         apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
     if a.compile:
-        for block in model.layers:
-            block.compile()
+        model.compile_for_training()
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, a.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -119,7 +130,7 @@ def main(argv=None):
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     print(json.dumps({
         "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
-        "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method == "lora" else None,
+        "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method != "full" else None,
         "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "mfu_vs_989T": round(tok_s * per_tok / H100_BF16_PEAK, 4),

@@ -22,6 +22,7 @@ import torch
 
 from errors import UserError
 from model import ModelConfig, Transformer
+from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
 
 # Our name for each tensor, as each format spells it. Per-layer names sit under a layer prefix.
 TOP_NAMES = {  # ours: (hf, meta, gguf)
@@ -300,9 +301,13 @@ def read_checkpoint(path):
                     "model (.bin with its 7-int header, or .pt), a .gguf file, or this project's model_config.json + model.safetensors")
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """Read any supported checkpoint into a `Transformer` on `device` in `dtype`: (model, config)."""
+def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = False):
+    """Read any supported checkpoint into a `Transformer` on `device` in `dtype`: (model, config).
+
+    quantize=True (QLoRA) stores the seven projections of every block in NF4 as they are read, one
+    matrix at a time, so the 16-bit model never exists in full on the device."""
     config, tensors = read_checkpoint(path)
+    quantized = {}  # module name -> NF4Linear
     with torch.device("meta"):  # parameters without memory; real tensors are assigned below
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -317,8 +322,12 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         if tuple(t.shape) != expected[name]:
             raise UserError(f"{path}: tensor {file_name} has shape {tuple(t.shape)}, but the config "
                             f"expects {expected[name]}")
-        state[name] = t.to(device=device, dtype=dtype)  # one tensor at a time
-    missing = sorted(set(expected) - set(state))
+        if quantize and name.removesuffix(".weight").endswith(QUANTIZED_LAYERS):
+            quantized[name.removesuffix(".weight")] = NF4Linear.from_weight(t.to(device=device, dtype=dtype),
+                                                                            compute_dtype=dtype)
+        else:
+            state[name] = t.to(device=device, dtype=dtype)  # one tensor at a time
+    missing = sorted(set(expected) - set(state) - {f"{n}.weight" for n in quantized})
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match its config: "
                         + (f"missing {len(missing)} tensors ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})" if missing else "")
@@ -326,7 +335,10 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
                         + (f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})" if unexpected else ""))
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)
+    for module_name, layer in quantized.items():
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.load_state_dict(state, assign=True, strict=not quantized)  # (NF4 buffers were set above)
     if config.tie_embeddings:  # assign replaced the Parameter objects: share them again
         model.lm_head.weight = model.embed_tokens.weight
     return model, config

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, save_safetensors, write_json
 from errors import UserError
+from quant import NF4Linear, dequantize_model
 
 # short name (used on the command line) -> module path inside a Transformer layer (or the model)
 LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
@@ -222,9 +223,10 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropou
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied matrix counts once."""
+    """(trainable, total) parameter counts; a tied matrix counts once, an NF4 weight (a buffer) too."""
     params = list(model.parameters())  # parameters() already skips the second use of a tied weight
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def lora_summary(model: nn.Module) -> str:
@@ -258,6 +260,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     lm_head with an adapter gets its own merged matrix (the embedding must not change), so the
     merged model is untied, and model.config is replaced by one that says so.
     """
+    dequantize_model(model)  # QLoRA: an NF4 weight cannot hold W + ΔW, so make the bases 16-bit first
     for name, layer in lora_layers(model).items():
         layer.merge()
         _replace_module(model, name, layer.base)

@@ -271,6 +271,15 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+        self.token_loss = token_cross_entropy  # compile_for_training swaps in a compiled copy
+
+    def compile_for_training(self):
+        """torch.compile each block (one graph, reused by every layer, so it compiles quickly) and the
+        loss of one chunk, where compilation fuses the float32 upcast, log-softmax and NLL into a
+        single pass over the logits instead of materialising each step's (tokens × vocab) tensor."""
+        for block in self.layers:
+            block.compile()
+        self.token_loss = torch.compile(token_cross_entropy)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random weights for models built without a checkpoint (tests, the demo, bench.py)."""
@@ -329,16 +338,17 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
         if chunk_size <= 0:
-            return _token_ce_sum(self.lm_head, h, targets)
+            return self.token_loss(self.lm_head, h, targets)
         h, targets = h.flatten(0, 1), targets.flatten()
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk_size):
-            total = total + checkpoint(_token_ce_sum, self.lm_head, h[i:i + chunk_size], targets[i:i + chunk_size],
-                                       use_reentrant=False)
+            total = total + checkpoint(self.token_loss, self.lm_head, h[i:i + chunk_size],
+                                       targets[i:i + chunk_size], use_reentrant=False)
         return total
 
 
-def _token_ce_sum(lm_head, h, labels):
+def token_cross_entropy(lm_head, h, labels):
+    """Σ −log softmax(lm_head(h))[label] over positions whose label is not IGNORE_INDEX."""
     logits = lm_head(h).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

@@ -32,6 +32,7 @@ from errors import UserError, run_cli
 from generate import generate
 from lora import apply_lora, count_parameters, export_hf, merge_lora, parse_targets, save_adapter
 from model import IGNORE_INDEX, ModelConfig, Transformer
+from quant import quantize_model
 from tokenizer import ByteTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     a("--template", default=None, help="prompt template: alpaca, llama2-chat, llama3-chat, none (default alpaca)")
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask), for comparison")
     a("--out", default="out", help="output directory (default: out)")
-    a("--method", choices=["lora", "full"], help="LoRA adapters (default) or full fine-tuning")
+    a("--method", choices=["lora", "qlora", "full"],
+      help="LoRA adapters (default), QLoRA (LoRA on a 4-bit NF4 base: quant.py) or full fine-tuning")
     a("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     a("--lora-alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha/r (default 32)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
@@ -86,7 +88,7 @@ def parse_args(argv=None):
     a("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPUs that have it, else fp16; fp32 on CPU")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward (less memory)")
     a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--loss-chunk", type=int, default=4096, help="positions per chunk of the output-head loss (0 = all at once)")
+    a("--loss-chunk", type=int, default=1024, help="positions per chunk of the output-head loss (0 = all at once; default 1024)")
     a("--packing", action="store_true", help="pack several examples per row (with document masking) instead of padding")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--merge", action="store_true", help="at the end also write the merged model (ours and Hugging Face format)")
@@ -118,29 +120,32 @@ def autocast_dtype(precision: str):
 
 
 def build_model(args):
-    """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32);
-    trainable weights (LoRA matrices, or everything for full fine-tuning) stay float32."""
+    """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
+    in NF4 (a quarter of that); trainable weights (LoRA matrices, or everything for full
+    fine-tuning) stay float32."""
     low = autocast_dtype(args.precision)
+    base_dtype = torch.float32 if args.method == "full" or low is None else low
     if args.demo:
         tokenizer = ByteTokenizer()
         torch.manual_seed(args.seed)
         model = Transformer(DEMO_CONFIG).to(args.device)
         model.init_weights()
+        if args.method == "qlora":
+            quantize_model(model, compute_dtype=base_dtype)
     else:
-        base_dtype = low if (args.method == "lora" and low is not None) else torch.float32
-        model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=base_dtype)
+        model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=base_dtype,
+                                   quantize=args.method == "qlora")
         ckpt = Path(args.checkpoint)
         tokenizer = Tokenizer.from_file(args.tokenizer or (ckpt if ckpt.is_dir() else ckpt.parent))
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    if args.method == "lora":
+    if args.method in ("lora", "qlora"):
         torch.manual_seed(args.seed)
         apply_lora(model, parse_targets(args.lora_targets), r=args.lora_r, alpha=args.lora_alpha,
                    dropout=args.lora_dropout, rslora=args.rslora, dora=args.dora)
     model.grad_checkpointing = args.grad_ckpt
     if args.compile:
-        for block in model.layers:
-            block.compile()
+        model.compile_for_training()
     return model, tokenizer
 
 
@@ -215,7 +220,7 @@ def estimate_memory(model, args) -> dict:
     """Rough GiB the run needs: weights + gradients + AdamW moments + activations + logits."""
     gib = 2 ** 30
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / gib
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / gib
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     grads, adam = trainable * 4 / gib, trainable * 8 / gib  # float32 grads; two float32 moments
     tokens = args.batch_size * args.seq_len
@@ -437,7 +442,7 @@ def show_sample(model, tokenizer, template, prompt, max_new_tokens=48) -> str:
 
 def finish(args, out: Path, model, tokenizer):
     """Write what the user came for: the adapter (LoRA) or the model (full), optionally merged/exported."""
-    if args.method == "lora":
+    if args.method in ("lora", "qlora"):
         save_adapter(model, out / "adapter", base_id={"checkpoint": args.checkpoint})
         print(f"saved the adapter to {out / 'adapter'}")
         if args.merge:

@@ -194,3 +194,34 @@ def test_qlora_trains_only_the_adapters_and_merges():
     assert type(model.layers[0].attn.q_proj) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), before, rtol=1e-4, atol=1e-4)
+
+
+def test_quantise_while_loading_a_real_checkpoint(tmp_path):
+    """load_checkpoint(quantize=True) on stories260K: every projection is NF4, the rest is not,
+    and the model still predicts its reference sequence (the float32 loss is 0.1804)."""
+    from checkpoint import load_checkpoint
+    from conftest import shared_path
+    path = shared_path("models", "stories260K")
+    model, config = load_checkpoint(path, quantize=True)
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 7 * config.n_layers
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
+    ids = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426,
+                         338, 401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426]])
+    with torch.no_grad():
+        loss = (model.loss(ids, ids) / 31).item()
+    assert 0.1804 < loss < 0.35  # NF4 costs a little, not everything (a broken load gives > 5)
+
+
+def test_train_sft_qlora_end_to_end(tmp_path):
+    """--method qlora trains adapters on an NF4 base and --merge exports a plain 16-bit model."""
+    import train_sft
+    from checkpoint import load_checkpoint
+    from conftest import shared_path
+    out = tmp_path / "run"
+    train_sft.main(["--checkpoint", str(shared_path("models", "stories260K")), "--method", "qlora",
+                    "--data", str(shared_path("data", "litgpt_fixture_alpaca.json")), "--val-split", "0",
+                    "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "128",
+                    "--out", str(out), "--merge"])
+    assert (out / "adapter" / "adapter.safetensors").exists()
+    merged, _ = load_checkpoint(out / "model")
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
