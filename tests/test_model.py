@@ -298,8 +298,8 @@ def test_chunked_loss_equals_full_loss(tie):
     for chunk in (7, 32, 1000):
         chunked, chunked_grads = _loss_and_grads(model, x, labels, chunk_size=chunk)
         assert abs(chunked.item() - loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
-        for name, g in grads.items():
-            assert (chunked_grads[name] - g).abs().max().item() <= 1e-5, name
+        for name, g in grads.items():  # float32, summed in another order: relative to the gradient's size
+            assert (chunked_grads[name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
     assert grads["embed_tokens.weight"].abs().max() > 0 and grads["layers.0.attn.q_proj.weight"].abs().max() > 0
 
 
