@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -441,7 +442,8 @@ def show_sample(model, tokenizer, template, prompt, max_new_tokens=48) -> str:
 
 
 def finish(args, out: Path, model, tokenizer):
-    """Write what the user came for: the adapter (LoRA) or the model (full), optionally merged/exported."""
+    """Write what the user came for: the adapter (LoRA) or the model (full), optionally merged/exported.
+    Model directories get the tokenizer file too, so `generate.py --checkpoint` finds it there."""
     if args.method in ("lora", "qlora"):
         save_adapter(model, out / "adapter", base_id={"checkpoint": args.checkpoint})
         print(f"saved the adapter to {out / 'adapter'}")
@@ -449,12 +451,20 @@ def finish(args, out: Path, model, tokenizer):
             merge_lora(model)
     if args.method == "full" or args.merge:
         save_checkpoint(model, out / "model")
+        copy_tokenizer(tokenizer, out / "model")
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if args.merge:
-        tok_dir = None if args.demo else Path(args.tokenizer or args.checkpoint)
-        export_hf(model, out / "hf", tokenizer_dir=tok_dir if tok_dir and tok_dir.is_dir() else (tok_dir.parent if tok_dir else None))
+        ckpt = None if args.demo else Path(args.checkpoint)
+        export_hf(model, out / "hf", tokenizer_dir=ckpt if ckpt and ckpt.is_dir() else None)  # + HF tokenizer configs
+        copy_tokenizer(tokenizer, out / "hf")
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
+
+
+def copy_tokenizer(tokenizer, directory: Path):
+    """The tokenizer file the run used, as `tokenizer.model` (the name every loader looks for)."""
+    if not isinstance(tokenizer, ByteTokenizer) and not (directory / "tokenizer.model").exists():
+        atomic_write(directory / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer.path, tmp))
 
 
 if __name__ == "__main__":

@@ -488,6 +488,10 @@ def test_lora_merge_end_to_end(tmp_path, monkeypatch):
 
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter.safetensors").is_file()
     assert (out / "model" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    # the tokenizer travels with the model, so generate.py --checkpoint out/model needs nothing else
+    tok = shared_path("models", "stories260K", "tok512.model").read_bytes()
+    assert (out / "model" / "tokenizer.model").read_bytes() == tok == (out / "hf" / "tokenizer.model").read_bytes()
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o044  # not private to the owner (mkstemp's 0600)
     base, _ = load_checkpoint(shared_path("models", "stories260K"))
     with torch.no_grad():
         base_logits = base.eval()(tokens)
