@@ -31,7 +31,7 @@ import data
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from errors import UserError, run_cli
 from generate import generate
-from lora import apply_lora, count_parameters, export_hf, merge_lora, parse_targets, save_adapter
+from lora import apply_lora, count_parameters, export_hf, export_peft, merge_lora, parse_targets, save_adapter
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from quant import quantize_model
 from tokenizer import ByteTokenizer, Tokenizer
@@ -446,7 +446,8 @@ def finish(args, out: Path, model, tokenizer):
     Model directories get the tokenizer file too, so `generate.py --checkpoint` finds it there."""
     if args.method in ("lora", "qlora"):
         save_adapter(model, out / "adapter", base_id={"checkpoint": args.checkpoint})
-        print(f"saved the adapter to {out / 'adapter'}")
+        export_peft(model, out / "peft", base_model_name_or_path=str(args.checkpoint or "demo"))
+        print(f"saved the adapter to {out / 'adapter'} (and in PEFT's layout to {out / 'peft'})")
         if args.merge:
             merge_lora(model)
     if args.method == "full" or args.merge:
