@@ -17,19 +17,6 @@ from tokenizer import ByteTokenizer, Tokenizer
 ALPACA = TEMPLATES["alpaca"]
 
 
-@pytest.fixture(scope="module")
-def llama2():
-    return Tokenizer.from_file(shared_path("models", "llama2-tokenizer", "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    return Tokenizer.from_file(shared_path("models", "llama3-tokenizer", "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok512():
-    return Tokenizer.from_file(shared_path("models", "stories260K", "tok512.model"))
 
 
 def split(ids, labels):

@@ -35,19 +35,6 @@ ROUND_TRIP = ["Hello world", "Once upon a time, there was a little girl.\n\nThe 
               "tabs\tand  double  spaces", "<|eot_id|> and <s> are just text here"]
 
 
-@pytest.fixture(scope="module")
-def llama2():
-    return Tokenizer.from_file(shared_path("models", "llama2-tokenizer", "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    return Tokenizer.from_file(shared_path("models", "llama3-tokenizer", "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok512():
-    return Tokenizer.from_file(shared_path("models", "stories260K", "tok512.model"))
 
 
 # ---------------------------------------------------------------- Llama-2 SentencePiece
