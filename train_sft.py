@@ -14,6 +14,7 @@ exactly the gradient of one batch of 8 (each token weighs the same, whichever mi
 fell in); dividing each micro-batch by its own count would not.
 """
 import argparse
+import builtins
 import functools
 import json
 import math
@@ -21,19 +22,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from errors import UserError, run_cli
 from generate import generate
 from lora import apply_lora, count_parameters, export_hf, export_peft, merge_lora, parse_targets, save_adapter
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from quant import quantize_model
+from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
 from tokenizer import ByteTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -48,11 +49,6 @@ DEMO = dict(method="full", lr=2e-3, epochs=40, seq_len=256, batch_size=8, grad_a
             eval_every=50, save_every=100)
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352, vocab_size=ByteTokenizer.vocab_size,
                           max_seq_len=256)
-# Settings that decide the model, the data order or the parameters: a resumed run must match them.
-RESUME_MUST_MATCH = ("checkpoint", "data", "val_data", "val_split", "template", "train_on_prompt", "method",
-                     "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "seq_len",
-                     "batch_size", "grad_accum", "seed", "packing")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,8 +141,6 @@ def build_model(args):
         apply_lora(model, parse_targets(args.lora_targets), r=args.lora_r, alpha=args.lora_alpha,
                    dropout=args.lora_dropout, rslora=args.rslora, dora=args.dora)
     model.grad_checkpointing = args.grad_ckpt
-    if args.compile:
-        model.compile_for_training()
     return model, tokenizer
 
 
@@ -171,9 +165,14 @@ def count_targets(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t+1]
 
 
-def train_step(model, optimizer, micro_batches, device, precision, scaler=None, grad_clip=1.0, loss_chunk=0):
-    """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm)."""
-    n_targets = sum(count_targets(b) for b in micro_batches)
+def train_step(model, optimizer, micro_batches, device, precision, scaler=None, grad_clip=1.0, loss_chunk=0,
+               n_targets=None, reduce=None, ranks=1):
+    """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm).
+    Under torchrun, micro_batches are this rank's share of the step, n_targets counts the targets
+    of all ranks' micro-batches, reduce sums a number over the ranks, and `ranks` undoes FSDP's
+    averaging of gradients (we want their sum: each loss is already divided by all ranks' targets)."""
+    if n_targets is None:
+        n_targets = sum(count_targets(b) for b in micro_batches)
     total = 0.0
     amp = autocast_dtype(precision)
     for b in micro_batches:
@@ -182,23 +181,24 @@ def train_step(model, optimizer, micro_batches, device, precision, scaler=None, 
             loss_sum = model.loss(tensors["tokens"], tensors["labels"], tensors.get("positions"),
                                   tensors.get("doc_ids"), chunk_size=loss_chunk)
         loss = loss_sum / max(n_targets, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.scale(loss * ranks) if scaler else loss * ranks).backward()
         total += loss.detach()
     if scaler:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    loss_value = float(total)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # DTensor under FSDP
+    loss_value = reduce(float(total)) if reduce else float(total)  # every rank decides alike below
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        return loss_value, float(grad_norm)
+        return loss_value, grad_norm
     if scaler:
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, float(grad_norm)
+    return loss_value, grad_norm
 
 
 @torch.no_grad()
@@ -247,101 +247,33 @@ def print_memory(est, device):
     print(f"memory estimate: {est['total']:.2f} GiB = {line}{have}", flush=True)
 
 
-def save_state(out: Path, model, optimizer, scaler, step):
-    """Everything needed to continue exactly, in ONE file written atomically (write + rename):
-    trainable weights, AdamW moments, step (which fixes the data position and the schedule) and RNG."""
-    state = {"model": {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)},
-             "optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
-             "scaler": scaler.state_dict() if scaler else None}
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-
-
-def _trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_state(out: Path, model, optimizer, scaler) -> int:
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        raise UserError(f"--resume: no checkpoint in {out} (expected {path.name})")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # untrusted file: tensors only
-    missing = _trainable_names(model) - set(state["model"])
-    if missing:
-        raise UserError(f"--resume: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
-    model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if "rng_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"]
-
-
-def prepare_out(args) -> Path:
-    """Refuse to overwrite another run; on --resume, refuse a config that changes the run."""
-    out = Path(args.out)
-    run_config = {k: v for k, v in vars(args).items()}
-    previous = out / "config.json"
-    if args.resume:
-        if not previous.exists():
-            raise UserError(f"--resume: {out} holds no run (no config.json)")
-        old = json.loads(previous.read_text())
-        changed = [k for k in RESUME_MUST_MATCH if old.get(k) != run_config.get(k)]
-        if changed:
-            raise UserError(f"--resume: {out} was trained with different settings: "
-                            + ", ".join(f"{k} {old.get(k)!r} → {run_config.get(k)!r}" for k in changed))
-    elif previous.exists() and any((out / f).exists() for f in ("checkpoint.pt", "metrics.jsonl")):
-        # (config.json alone is a run that failed before its first step, e.g. on a wrong path: nothing to lose)
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    try:
-        write_json(previous, run_config)
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out}: {e.strerror}") from None
-    return out
-
-
-def log_metrics(out: Path, row: dict):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def plot_losses(out: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
-        return
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set(xlabel="optimizer step", ylabel="loss per target token", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
+    # ── torchrun: data parallel with FSDP2 (distributed.py). Without torchrun, dist is None and
+    # nothing below changes: every `if dist` line is the whole distributed part of the loop.
+    dist = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from distributed import Distributed
+        dist = Distributed()
+        args.device = dist.device
+    args.world_size = dist.world if dist else 1
+    main_rank = dist is None or dist.is_main
+    print = builtins.print if main_rank else (lambda *a, **k: None)  # one rank speaks
     if args.demo:
         print("demo: no --checkpoint, so a tiny random model is trained from scratch on "
               f"{Path(args.data).name}.\n      For a real run: python train_sft.py --checkpoint DIR --data alpaca.json "
               "(README: 'Run it for real')")
     print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
-    out = prepare_out(args)
+    out = prepare_out(args, write=main_rank)
     torch.manual_seed(args.seed)
     model, tokenizer = build_model(args)
     trainable, total = count_parameters(model)
     print(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable ({100 * trainable / total:.2f}%) [{args.method}]")
+    if dist:
+        dist.shard(model)
+        torch.manual_seed(args.seed + dist.rank)  # each rank its own dropout masks
+    if args.compile:
+        model.compile_for_training()
 
     # ---- data: records → (input_ids, labels) → batches
     seq_len = min(args.seq_len, model.config.max_seq_len)
@@ -364,19 +296,18 @@ def main(argv=None):
     n_micro = len(batches_of(0))
     val_batches = data.make_batches(val_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
                                     packing=args.packing, shuffle=False) if val_ex else []
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * n_micro / args.grad_accum))
+    per_step = args.grad_accum * args.world_size  # micro-batches per optimizer step, all ranks together
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * n_micro / per_step))
     print(f"batches: {n_micro} micro-batches per epoch, {total_steps} optimizer steps "
-          f"(batch {args.batch_size} × accumulation {args.grad_accum}), "
+          f"(batch {args.batch_size} × accumulation {args.grad_accum} × {args.world_size} ranks), "
           f"{100 * data.batch_efficiency(batches_of(0)):.1f}% of batch tokens are real")
     print_memory(estimate_memory(model, argparse.Namespace(**{**vars(args), "seq_len": seq_len})), args.device)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)
     scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
-    step = load_state(out, model, optimizer, scaler) if args.resume else 0
-    if args.resume and (out / "metrics.jsonl").exists():
-        # steps logged after the checkpoint are done again: drop their rows, or they would appear twice
-        rows = [line for line in open(out / "metrics.jsonl") if json.loads(line)["step"] <= step]
-        atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(rows)))
+    step = load_state(out, model, optimizer, scaler, dist) if args.resume else 0
+    if args.resume and main_rank:
+        drop_metrics_after(out, step)
     # The sample shown at each evaluation: a held-out prompt, except in the demo, whose tiny model
     # can only memorise, so there it answers a training prompt.
     sample_prompt = args.sample_prompt or (val_records[0] if val_records and not args.demo else train_records[0])
@@ -384,10 +315,10 @@ def main(argv=None):
 
     def micro_batches_for(step):
         """The micro-batches of optimizer step `step`: a pure function of the step, so resuming is exact."""
-        first = step * args.grad_accum
-        return [batches_of(i // n_micro)[i % n_micro] for i in range(first, first + args.grad_accum)]
+        first = step * per_step
+        return [batches_of(i // n_micro)[i % n_micro] for i in range(first, first + per_step)]
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main_rank else True)
     t_last, tokens_since = time.perf_counter(), 0
     try:
         while step < total_steps:
@@ -395,9 +326,12 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = micro_batches_for(step)
+            mine = micro[dist.rank::dist.world] if dist else micro  # this rank's share of the step
             try:
-                loss, grad_norm = train_step(model, optimizer, micro, args.device, args.precision, scaler,
-                                             args.grad_clip, args.loss_chunk)
+                loss, grad_norm = train_step(model, optimizer, mine, args.device, args.precision, scaler,
+                                             args.grad_clip, args.loss_chunk, n_targets=sum(map(count_targets, micro)),
+                                             reduce=dist.sum if dist else None,
+                                             ranks=args.world_size)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"out of GPU memory at step {step + 1} with --batch-size {args.batch_size} × "
                                 f"--seq-len {seq_len}: lower --batch-size (raise --grad-accum to keep the "
@@ -414,25 +348,34 @@ def main(argv=None):
             tok_s = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
             mem = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
-            log_metrics(out, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s),
-                              "peak_mem_gib": round(mem, 2)})
+            if main_rank:
+                log_metrics(out, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s),
+                                  "peak_mem_gib": round(mem, 2)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mem=f"{mem:.1f}G")
             bar.update(1)
             if val_batches and (step % args.eval_every == 0 or step == total_steps):
                 val_loss = evaluate(model, val_batches, args.device, args.precision, args.loss_chunk)
                 sample = show_sample(model, tokenizer, template, sample_prompt)
-                log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-                bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})\n  sample: {sample!r}")
+                if main_rank:
+                    log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})\n  sample: {sample!r}")
             if step % args.save_every == 0 and step < total_steps:
-                save_state(out, model, optimizer, scaler, step)
+                save_state(out, model, optimizer, scaler, step, dist)
     except KeyboardInterrupt:
         bar.close()
-        save_state(out, model, optimizer, scaler, step)
+        save_state(out, model, optimizer, scaler, step, dist)
         print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the same command plus --resume",
               file=sys.stderr)
         sys.exit(130)
     bar.close()
-    save_state(out, model, optimizer, scaler, step)
+    save_state(out, model, optimizer, scaler, step, dist)
+    if dist:  # rank 0 writes the results from a plain (unsharded) copy of the trained model
+        trained, _ = dist.training_state(model, optimizer)
+        dist.close()
+        if not main_rank:
+            return
+        model, _ = build_model(argparse.Namespace(**{**vars(args), "device": "cpu"}))
+        model.load_state_dict(trained, strict=False)
     finish(args, out, model, tokenizer)
 
 

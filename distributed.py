@@ -1,0 +1,72 @@
+"""Data-parallel training under torchrun, with PyTorch's FSDP2: the only file that knows about it.
+
+    torchrun --nproc_per_node=2 train_sft.py --checkpoint DIR --data alpaca.json
+
+Every rank (one process per GPU, or per CPU process with gloo) holds 1/world of each parameter,
+gradient and AdamW moment. `fully_shard` on each block makes FSDP gather a block's weights just
+before the block runs and free them right after, and reduce-scatter its gradients in backward.
+The training loop stays the same; it only deals each optimizer step's micro-batches out across
+ranks, counts target tokens over all of them, and sums the logged loss (see train_sft.py).
+
+train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class Distributed:
+    def __init__(self):
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, model):
+        """One FSDP unit per block, plus the root (embedding, final norm, head). Parameters keep
+        their dtypes (bf16 frozen base, float32 LoRA or master weights) and autocast does the
+        compute casts, exactly as in a single-GPU run."""
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        register_fsdp_forward_method(model, "loss")  # training calls model.loss, not model(...)
+
+    def sum(self, value: float) -> float:
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def training_state(self, model, optimizer) -> tuple[dict, dict]:
+        """Trainable weights and AdamW state gathered whole (on rank 0, in CPU memory), keyed by
+        parameter name, so a checkpoint does not depend on how many ranks wrote it."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_state_dict(model, optimizer, options=options)
+
+    def load_training_state(self, model, optimizer, model_state: dict, optimizer_state: dict):
+        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+
+    def rng_states(self, local: dict) -> list:
+        """Every rank's RNG state (dropout differs per rank), gathered so rank 0 can save them."""
+        states = [None] * self.world
+        dist.all_gather_object(states, local)
+        return states
+
+    def barrier(self):
+        dist.barrier()
+
+    def close(self):
+        dist.destroy_process_group()
