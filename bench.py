@@ -13,6 +13,7 @@ with N the parameters of all matmuls (output head included, embedding lookup exc
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -22,7 +23,7 @@ from errors import UserError, run_cli
 from lora import apply_lora, parse_targets
 from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
-from train_sft import make_optimizer, train_step
+from train_sft import count_targets, make_optimizer, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -78,6 +79,13 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
     a = p.parse_args(argv)
 
+    dist = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: FSDP2 data parallel, as in train_sft.py
+        from distributed import Distributed
+        dist = Distributed()
+        a.device = dist.device
+    world = dist.world if dist else 1
+
     c = ModelConfig.from_name(a.shape)
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
@@ -88,6 +96,9 @@ def main(argv=None):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
         apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)  # (before sharding)
+    if dist:
+        dist.shard(model)
     if a.compile:
         model.compile_for_training()
     model.train()
@@ -95,14 +106,16 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     B, S = a.batch_size, a.seq_len
-    g = torch.Generator(a.device).manual_seed(0)
+    g = torch.Generator(a.device).manual_seed(dist.rank if dist else 0)  # each rank its own batch
     tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
     labels = tokens.clone()
     labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
     batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
+    n_targets = count_targets(batch) * world  # every rank's batch has as many targets
 
     def step():
-        return train_step(model, optimizer, [batch], a.device, precision, scaler, grad_clip=1.0, loss_chunk=a.loss_chunk)[0]
+        return train_step(model, optimizer, [batch], a.device, precision, scaler, grad_clip=1.0, loss_chunk=a.loss_chunk,
+                          n_targets=n_targets, reduce=dist.sum if dist else None, ranks=world)[0]
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -125,15 +138,19 @@ def main(argv=None):
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70), file=sys.stderr)
 
-    tok_s = B * S * a.steps / dt
+    tok_s = B * S * a.steps * world / dt  # all GPUs together
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
-    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    if dist:
+        dist.close()
+        if not dist.is_main:
+            return
     print(json.dumps({
         "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
         "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method != "full" else None,
         "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "mfu_vs_989T": round(tok_s * per_tok / H100_BF16_PEAK, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,  # per GPU
+        "mfu_vs_989T": round(tok_s * per_tok / (H100_BF16_PEAK * world), 4),
+        "world_size": world, "tokens_per_s_per_gpu": round(tok_s / world),
         "loss": round(float(loss), 4), "trainable_params": trainable,
         "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "compile": a.compile, "loss_chunk": a.loss_chunk,

@@ -278,7 +278,8 @@ class Transformer(nn.Module):
         chunk loss, where compilation fuses the float32 upcast, log-softmax and its gradient into
         two passes over the logits instead of one kernel (and one tensor) per step."""
         for block in self.layers:
-            block.compile()
+            # the block's forward only: hooks around it (FSDP's gathers under torchrun) stay outside
+            block.forward = torch.compile(block.forward)
         self.loss_and_grad = torch.compile(loss_and_grad)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
