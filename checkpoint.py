@@ -238,7 +238,8 @@ def read_gguf(path: Path):
 
     if f.read(4) != b"GGUF":
         raise UserError(f"{path}: not a GGUF file (bad magic)")
-    version, n_tensors, n_kv = u32(), u64(), u64()
+    u32()  # the format version: 2 and 3 share this layout
+    n_tensors, n_kv = u64(), u64()
     meta = {string(): value(u32()) for _ in range(n_kv)}
     infos = []
     for _ in range(n_tensors):

@@ -2,7 +2,7 @@ r"""Instruction data → token ids with a loss mask → batches.
 
     alpaca.json / chat.jsonl ─► load_records ─► {"system": str, "turns": [{"instruction", "input", "output"}, ...]}
         ─► encode_example (a Template writes the turns out) ─► (input_ids, labels)
-        ─► make_batches (pad + group by length, or pack) ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
+        ─► batching.make_batches (pad + group by length, or pack) ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
     python data.py --data ../shared/data/alpaca_data_1k.json --tokenizer ../shared/models/llama2-tokenizer --show 2
 
@@ -28,7 +28,6 @@ LLaMA SentencePiece vocabulary and never merge, so what follows is tokenized as 
 text. Llama-3's tiktoken adds no prefix, and Meta's own chat format encodes each piece separately.
 """
 import argparse
-import bisect
 import json
 import random
 import re
@@ -36,8 +35,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
+from batching import batch_efficiency, make_batches
 from errors import UserError, run_cli
 from model import IGNORE_INDEX
 from tokenizer import SentencePieceTokenizer, Tokenizer
@@ -326,88 +325,6 @@ def split_train_val(records: list, val_fraction: float, seed: int = 0) -> tuple[
         n_val = min(max(n_val, 1), len(records) - 1)
     is_val = set(random.Random(seed).sample(range(len(records)), n_val))
     return [r for i, r in enumerate(records) if i not in is_val], [r for i, r in enumerate(records) if i in is_val]
-
-
-# ── Batches ──────────────────────────────────────────────────────────────────────────────────────
-
-def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: int, packing: bool = False,
-                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> list[dict]:
-    """One epoch of batches, the same for the same (seed, epoch), so a run resumes by batch index.
-
-    Padding (default): each example is a row, right-padded to the longest in its batch. Causal
-    attention never looks right, so padding needs no attention mask, only IGNORE_INDEX labels.
-    group_by_length (Hugging Face's trick) puts similar lengths together: shuffle, cut into chunks
-    of 50 batches, sort each chunk by length, cut into batches, shuffle the batches.
-    packing: examples share rows of up to max_seq_len tokens (batch_size rows per batch);
-    `doc_ids` keep each example's attention to itself and `positions` restart at 0 for each.
-    Every batch also has "lengths": the real (non-padding) tokens of each row.
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    lengths = [len(ids) for ids, _ in examples]
-    if lengths and max(lengths) > max_seq_len:
-        raise ValueError(f"an example has {max(lengths)} tokens, over max_seq_len={max_seq_len}")
-    order = list(range(len(examples)))
-    if shuffle:
-        rng.shuffle(order)
-    if packing:
-        rows = pack_rows(order, lengths, max_seq_len)
-        if shuffle:
-            rng.shuffle(rows)
-    else:
-        if group_by_length:
-            chunk = 50 * batch_size
-            order = [i for s in range(0, len(order), chunk)
-                     for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
-        rows = [[i] for i in order]
-    groups = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
-    if shuffle and group_by_length and not packing:
-        rng.shuffle(groups)
-        longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0][0]])
-        groups.insert(0, groups.pop(longest))  # longest batch first: running out of memory shows at step 1
-    return [collate([[examples[i] for i in row] for row in group], pad_id, packed=packing) for group in groups]
-
-
-def pack_rows(order: list[int], lengths: list[int], max_len: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: longest first, each into the row it fills most tightly.
-    Rows are lists of example indices; ties keep `order` (the shuffle)."""
-    rows, free = [], []  # free: sorted (space left, row) of rows that have room
-    for i in sorted(order, key=lambda i: -lengths[i]):
-        k = bisect.bisect_left(free, (lengths[i], -1))
-        if k < len(free):
-            space, r = free.pop(k)
-        else:
-            space, r = max_len, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        if space > lengths[i]:
-            bisect.insort(free, (space - lengths[i], r))
-    return rows
-
-
-def collate(rows: list[list[tuple]], pad_id: int, packed: bool) -> dict:
-    """Rows of (input_ids, labels) examples → padded tensors. Packed: positions restart and doc ids
-    count up per example; the padding is a document of its own, so it never attends into real tokens."""
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(tokens, IGNORE_INDEX)
-    positions, doc_ids = torch.zeros_like(tokens), torch.zeros_like(tokens)
-    real = []
-    for r, row in enumerate(rows):
-        start = 0
-        for doc, (ids, labs) in enumerate(row):
-            end = start + len(ids)
-            tokens[r, start:end], labels[r, start:end] = torch.tensor(ids), torch.tensor(labs)
-            positions[r, start:end], doc_ids[r, start:end] = torch.arange(len(ids)), doc
-            start = end
-        positions[r, start:], doc_ids[r, start:] = torch.arange(width - start), len(row)
-        real.append(start)
-    return {"tokens": tokens, "labels": labels, "positions": positions if packed else None,
-            "doc_ids": doc_ids if packed else None, "lengths": torch.tensor(real)}
-
-
-def batch_efficiency(batches: list[dict]) -> float:
-    """Share of the batch tensors' positions holding real tokens rather than padding."""
-    return sum(int(b["lengths"].sum()) for b in batches) / max(1, sum(b["tokens"].numel() for b in batches))
 
 
 # ── CLI: look at what the model will be trained on ───────────────────────────────────────────────

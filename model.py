@@ -13,7 +13,7 @@ original order, where RoPE rotates adjacent pairs (x[2i], x[2i+1]). Hugging Face
 permuted; checkpoint.py undoes that in one place.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

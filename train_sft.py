@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from batching import batch_efficiency, make_batches
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from errors import UserError, run_cli
 from generate import generate
@@ -291,16 +292,16 @@ def main(argv=None):
 
     @functools.lru_cache(maxsize=2)
     def batches_of(epoch):  # each epoch has its own shuffle, fixed by (seed, epoch)
-        return data.make_batches(train_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
+        return make_batches(train_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
                                  packing=args.packing, seed=args.seed, epoch=epoch)
     n_micro = len(batches_of(0))
-    val_batches = data.make_batches(val_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
+    val_batches = make_batches(val_ex, args.batch_size, pad_id=pad_id, max_seq_len=seq_len,
                                     packing=args.packing, shuffle=False) if val_ex else []
     per_step = args.grad_accum * args.world_size  # micro-batches per optimizer step, all ranks together
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * n_micro / per_step))
     print(f"batches: {n_micro} micro-batches per epoch, {total_steps} optimizer steps "
           f"(batch {args.batch_size} × accumulation {args.grad_accum} × {args.world_size} ranks), "
-          f"{100 * data.batch_efficiency(batches_of(0)):.1f}% of batch tokens are real")
+          f"{100 * batch_efficiency(batches_of(0)):.1f}% of batch tokens are real")
     print_memory(estimate_memory(model, argparse.Namespace(**{**vars(args), "seq_len": seq_len})), args.device)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.device)

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, shared_path
-from data import (PROMPT_DICT, TEMPLATES, batch_efficiency, encode_dataset, encode_example, encode_prompt,
-                  format_example, get_template, load_records, main, make_batches, percentile, split_train_val)
+from batching import batch_efficiency, make_batches
+from data import (PROMPT_DICT, TEMPLATES, encode_dataset, encode_example, encode_prompt,
+                  format_example, get_template, load_records, main, percentile, split_train_val)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
-from tokenizer import ByteTokenizer, Tokenizer
+from tokenizer import ByteTokenizer
 
 ALPACA = TEMPLATES["alpaca"]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import data
 import train_sft
 from checkpoint import load_checkpoint
@@ -129,8 +130,8 @@ def accum_batches():
     records = [{"instruction": f"Q{i}:", "input": "", "output": "ab" * n} for i, n in
                enumerate([2, 60, 5, 3, 40, 90, 7, 25])]
     examples = [data.encode_example(r, tok, template, 256) for r in records]
-    one = [data.collate([[e] for e in examples], tok.eos_id, packed=False)]
-    four = [data.collate([[e] for e in examples[i:i + 2]], tok.eos_id, packed=False) for i in range(0, 8, 2)]
+    one = [batching.collate([[e] for e in examples], tok.eos_id, packed=False)]
+    four = [batching.collate([[e] for e in examples[i:i + 2]], tok.eos_id, packed=False) for i in range(0, 8, 2)]
     return one, four
 
 
