@@ -13,17 +13,16 @@ with N the parameters of all matmuls (output head included, embedding lookup exc
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
 from errors import UserError, run_cli
-from lora import apply_lora, parse_targets
+from lora import apply_lora, count_parameters, parse_targets
 from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
-from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
-from train_sft import count_targets, make_optimizer, train_step
+from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
+from train_sft import autocast_dtype, count_targets, make_optimizer, start_distributed, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -48,8 +47,7 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype) -> 
         for name, module in list(model.named_modules()):  # one 16-bit matrix at a time, then NF4
             if name.endswith(QUANTIZED_LAYERS):
                 w = torch.empty(module.weight.shape, device=device, dtype=base_dtype).normal_(0, 0.02, generator=g)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, NF4Linear.from_weight(w, compute_dtype=base_dtype))
+                replace_module(model, name, NF4Linear.from_weight(w, compute_dtype=base_dtype))
         for module in model.modules():  # embedding, norms, head: real (uninitialised) memory
             if not isinstance(module, NF4Linear):
                 module.to_empty(device=device, recurse=False)
@@ -79,10 +77,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
     a = p.parse_args(argv)
 
-    dist = None
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: FSDP2 data parallel, as in train_sft.py
-        from distributed import Distributed
-        dist = Distributed()
+    dist = start_distributed()  # torchrun: FSDP2 data parallel, as in train_sft.py
+    if dist:
         a.device = dist.device
     world = dist.world if dist else 1
 
@@ -90,13 +86,13 @@ def main(argv=None):
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
     precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    low = autocast_dtype(precision) or torch.float32
     model = build(c, a.method, a.device, low)
     if a.method in ("lora", "qlora"):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
         apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
-    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)  # (before sharding)
+    trainable, _ = count_parameters(model)  # (before sharding)
     if dist:
         dist.shard(model)
     if a.compile:

@@ -22,7 +22,7 @@ import torch
 
 from errors import UserError
 from model import ModelConfig, Transformer
-from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
+from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
 
 # Our name for each tensor, as each format spells it. Per-layer names sit under a layer prefix.
 TOP_NAMES = {  # ours: (hf, meta, gguf)
@@ -323,9 +323,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = Fa
         if tuple(t.shape) != expected[name]:
             raise UserError(f"{path}: tensor {file_name} has shape {tuple(t.shape)}, but the config "
                             f"expects {expected[name]}")
-        if quantize and name.removesuffix(".weight").endswith(QUANTIZED_LAYERS):
-            quantized[name.removesuffix(".weight")] = NF4Linear.from_weight(t.to(device=device, dtype=dtype),
-                                                                            compute_dtype=dtype)
+        module_name = name.removesuffix(".weight")
+        if quantize and module_name.endswith(QUANTIZED_LAYERS):
+            quantized[module_name] = NF4Linear.from_weight(t.to(device=device, dtype=dtype), compute_dtype=dtype)
         else:
             state[name] = t.to(device=device, dtype=dtype)  # one tensor at a time
     missing = sorted(set(expected) - set(state) - {f"{n}.weight" for n in quantized})
@@ -337,8 +337,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = Fa
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     for module_name, layer in quantized.items():
-        parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, module_name, layer)
     model.load_state_dict(state, assign=True, strict=not quantized)  # (NF4 buffers were set above)
     if config.tie_embeddings:  # assign replaced the Parameter objects: share them again
         model.lm_head.weight = model.embed_tokens.weight

@@ -8,7 +8,8 @@ before the block runs and free them right after, and reduce-scatter its gradient
 The training loop stays the same; it only deals each optimizer step's micro-batches out across
 ranks, counts target tokens over all of them, and sums the logged loss (see train_sft.py).
 
-train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set).
+train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set: see
+train_sft.start_distributed, which bench.py uses too).
 """
 import os
 
@@ -16,10 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 class Distributed:
@@ -64,9 +61,6 @@ class Distributed:
         states = [None] * self.world
         dist.all_gather_object(states, local)
         return states
-
-    def barrier(self):
-        dist.barrier()
 
     def close(self):
         dist.destroy_process_group()

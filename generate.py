@@ -84,13 +84,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from checkpoint import load_checkpoint
-    from pathlib import Path
-    from tokenizer import Tokenizer
+    from tokenizer import checkpoint_tokenizer
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
-    ckpt = Path(args.checkpoint)
-    tokenizer = Tokenizer.from_file(args.tokenizer or (ckpt if ckpt.is_dir() else ckpt.parent))
+    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
     if args.adapter:
         from lora import load_adapter
         load_adapter(model, args.adapter)

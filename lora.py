@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, save_safetensors, write_json
 from errors import UserError
-from quant import NF4Linear, dequantize_model
+from quant import NF4Linear, dequantize_model, replace_module
 
 # short name (used on the command line) -> module path inside a Transformer layer (or the model)
 LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
@@ -192,11 +192,6 @@ def _short_name(module_name: str) -> str:
     return next(t for t, path in LORA_TARGETS.items() if module_name == path or module_name.endswith("." + path))
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                rslora: bool = False, dora: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Wrap the targeted nn.Linear layers (in place) and freeze everything else.
@@ -218,7 +213,7 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropou
     for name in chosen:
         layer = layer_class(model.get_submodule(name), r, alpha, dropout, rslora, dtype)
         layer.weight_is_shared = users[id(layer.base.weight)] > 1
-        _replace_module(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -233,11 +228,12 @@ def lora_summary(model: nn.Module) -> str:
     """One line for the log, e.g. 'LoRA r=16 alpha=32 (scale 2) on q,v: 8,388,608 trainable of ...'."""
     trainable, total = count_parameters(model)
     counts = f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
-    if not lora_layers(model):
+    layers = lora_layers(model)
+    if not layers:
         return counts
     s = lora_settings(model)
     kind = "DoRA" if s["dora"] else "rsLoRA" if s["rslora"] else "LoRA"
-    scale = next(iter(lora_layers(model).values())).scale
+    scale = next(iter(layers.values())).scale
     return f"{kind} r={s['r']} alpha={s['alpha']} (scale {scale:g}) on {','.join(s['targets'])}: {counts}"
 
 
@@ -263,7 +259,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     dequantize_model(model)  # QLoRA: an NF4 weight cannot hold W + ΔW, so make the bases 16-bit first
     for name, layer in lora_layers(model).items():
         layer.merge()
-        _replace_module(model, name, layer.base)
+        replace_module(model, name, layer.base)
     config = getattr(model, "config", None)
     if config is not None and config.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
         model.config = replace(config, tie_embeddings=False)

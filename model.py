@@ -95,8 +95,7 @@ class ModelConfig:
             # as in the Hugging Face configs of those models.
             llama32 = (dim, p["n_layers"]) in ((2048, 16), (3072, 28))
             factor = p.get("rope_scaling_factor") or (32.0 if llama32 else 8.0)
-            scaling = {"factor": factor, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            scaling = llama3_scaling(factor)
         vocab = p.get("vocab_size", -1)
         return cls(dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
                    n_kv_heads=p.get("n_kv_heads") or p["n_heads"], ffn_hidden=hidden,
@@ -105,8 +104,11 @@ class ModelConfig:
                    max_seq_len=p.get("max_seq_len", 4096))
 
 
-_LLAMA3_SCALING = lambda factor: {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}
+def llama3_scaling(factor: float) -> dict:
+    """Llama-3.1's rope_scaling: only `factor` differs between models (8 for 3.1, 32 for 3.2 1B/3B)."""
+    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 PRESETS = {  # the public shapes, so a model can be built (and benchmarked) without a file
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=172, vocab_size=512, max_seq_len=512),
     "stories260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_hidden=172, vocab_size=512,
@@ -118,12 +120,12 @@ PRESETS = {  # the public shapes, so a model can be built (and benchmarked) with
     "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
                        rope_theta=500000.0, max_seq_len=8192),
     "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING(8.0), max_seq_len=131072),
+                         rope_theta=500000.0, rope_scaling=llama3_scaling(8.0), max_seq_len=131072),
     "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING(32.0), max_seq_len=131072,
+                         rope_theta=500000.0, rope_scaling=llama3_scaling(32.0), max_seq_len=131072,
                          tie_embeddings=True),
     "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING(32.0), max_seq_len=131072,
+                         rope_theta=500000.0, rope_scaling=llama3_scaling(32.0), max_seq_len=131072,
                          tie_embeddings=True),
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256,
                         rope_theta=500000.0, max_seq_len=8192),

@@ -223,7 +223,8 @@ class NF4Linear(nn.Linear):
                 f"NF4 blocks of {self.block_size}, {dq}compute {self.compute_dtype}")
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module):
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    """Put `new` where the submodule called `name` (e.g. 'layers.0.attn.q_proj') is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -249,7 +250,7 @@ def quantize_model(model: nn.Module, targets=None, block_size: int = 64, double_
         linear = model.get_submodule(name)
         if embedding is not None and linear.weight is embedding.weight:
             raise UserError(f"{name} shares its weight with the embedding (tied); it cannot be quantised alone")
-        _replace_module(model, name, NF4Linear.from_linear(linear, block_size, double_quant, compute_dtype))
+        replace_module(model, name, NF4Linear.from_linear(linear, block_size, double_quant, compute_dtype))
         del linear  # the last reference: the 16-bit weight is freed here, before the next layer
     return model
 
@@ -260,7 +261,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
     For export: afterwards lora.merge_lora folds the adapters in as usual, W' = deq(W) + s·B A."""
     for name in [name for name, m in model.named_modules() if isinstance(m, NF4Linear)]:
-        _replace_module(model, name, model.get_submodule(name).to_linear(dtype))
+        replace_module(model, name, model.get_submodule(name).to_linear(dtype))
     return model
 
 

@@ -75,6 +75,13 @@ def _is_tiktoken_line(line: bytes) -> bool:
         return False
 
 
+def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
+    """`tokenizer` (a --tokenizer path) if given, else the tokenizer in the checkpoint's directory:
+    the checkpoint itself when it is a directory, else the directory of the checkpoint file."""
+    checkpoint = Path(checkpoint)
+    return Tokenizer.from_file(tokenizer or (checkpoint if checkpoint.is_dir() else checkpoint.parent))
+
+
 def find_tokenizer(directory: Path) -> Path:
     """The tokenizer file of a checkpoint directory: `tokenizer.model` (also in `original/`, where
     Hugging Face's Llama-3 repos keep it), else the only other `*.model` (stories260K's tok512.model)."""

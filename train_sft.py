@@ -36,7 +36,7 @@ from lora import apply_lora, count_parameters, export_hf, export_peft, merge_lor
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from quant import quantize_model
 from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
-from tokenizer import ByteTokenizer, Tokenizer
+from tokenizer import ByteTokenizer, checkpoint_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
@@ -107,6 +107,15 @@ def parse_args(argv=None):
     return args
 
 
+def start_distributed():
+    """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
+    else None. distributed.py is imported only then."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    from distributed import Distributed
+    return Distributed()
+
+
 def default_precision(device: str) -> str:
     if not device.startswith("cuda"):
         return "fp32"
@@ -133,8 +142,7 @@ def build_model(args):
     else:
         model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=base_dtype,
                                    quantize=args.method == "qlora")
-        ckpt = Path(args.checkpoint)
-        tokenizer = Tokenizer.from_file(args.tokenizer or (ckpt if ckpt.is_dir() else ckpt.parent))
+        tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     if args.method in ("lora", "qlora"):
@@ -166,6 +174,17 @@ def count_targets(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t+1]
 
 
+def batch_loss(model, batch, device, precision, loss_chunk=0):
+    """model.loss of one batch (Σ cross-entropy over its target tokens), under autocast at `precision`.
+    Only the model's inputs go to the device: "lengths" is for the log."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "positions", "doc_ids")
+              if batch.get(k) is not None}
+    amp = autocast_dtype(precision)
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None):
+        return model.loss(inputs["tokens"], inputs["labels"], inputs.get("positions"), inputs.get("doc_ids"),
+                          chunk_size=loss_chunk)
+
+
 def train_step(model, optimizer, micro_batches, device, precision, scaler=None, grad_clip=1.0, loss_chunk=0,
                n_targets=None, reduce=None, ranks=1):
     """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm).
@@ -175,13 +194,8 @@ def train_step(model, optimizer, micro_batches, device, precision, scaler=None, 
     if n_targets is None:
         n_targets = sum(count_targets(b) for b in micro_batches)
     total = 0.0
-    amp = autocast_dtype(precision)
     for b in micro_batches:
-        tensors = {k: v.to(device, non_blocking=True) for k, v in b.items() if v is not None}
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None):
-            loss_sum = model.loss(tensors["tokens"], tensors["labels"], tensors.get("positions"),
-                                  tensors.get("doc_ids"), chunk_size=loss_chunk)
-        loss = loss_sum / max(n_targets, 1)
+        loss = batch_loss(model, b, device, precision, loss_chunk) / max(n_targets, 1)
         (scaler.scale(loss * ranks) if scaler else loss * ranks).backward()
         total += loss.detach()
     if scaler:
@@ -208,11 +222,8 @@ def evaluate(model, batches, device, precision, loss_chunk=0) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    amp = autocast_dtype(precision)
     for b in batches:
-        t = {k: v.to(device) for k, v in b.items() if v is not None}
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None):
-            total += float(model.loss(t["tokens"], t["labels"], t.get("positions"), t.get("doc_ids"), loss_chunk))
+        total += float(batch_loss(model, b, device, precision, loss_chunk))
         count += count_targets(b)
     model.train(was_training)
     return total / max(count, 1)
@@ -223,7 +234,7 @@ def estimate_memory(model, args) -> dict:
     gib = 2 ** 30
     c = model.config
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / gib
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, _ = count_parameters(model)
     grads, adam = trainable * 4 / gib, trainable * 8 / gib  # float32 grads; two float32 moments
     tokens = args.batch_size * args.seq_len
     act_bytes = 2 if args.precision != "fp32" else 4
@@ -252,10 +263,8 @@ def main(argv=None):
     args = parse_args(argv)
     # ── torchrun: data parallel with FSDP2 (distributed.py). Without torchrun, dist is None and
     # nothing below changes: every `if dist` line is the whole distributed part of the loop.
-    dist = None
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from distributed import Distributed
-        dist = Distributed()
+    dist = start_distributed()
+    if dist:
         args.device = dist.device
     args.world_size = dist.world if dist else 1
     main_rank = dist is None or dist.is_main
@@ -264,7 +273,7 @@ def main(argv=None):
         print("demo: no --checkpoint, so a tiny random model is trained from scratch on "
               f"{Path(args.data).name}.\n      For a real run: python train_sft.py --checkpoint DIR --data alpaca.json "
               "(README: 'Run it for real')")
-    print("config: " + json.dumps({k: v for k, v in vars(args).items()}))
+    print("config: " + json.dumps(vars(args)))
     out = prepare_out(args, write=main_rank)
     torch.manual_seed(args.seed)
     model, tokenizer = build_model(args)
@@ -320,7 +329,6 @@ def main(argv=None):
         return [batches_of(i // n_micro)[i % n_micro] for i in range(first, first + per_step)]
 
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main_rank else True)
-    t_last, tokens_since = time.perf_counter(), 0
     try:
         while step < total_steps:
             lr = lr_at(step, args.lr, args.warmup_steps, total_steps)
@@ -328,6 +336,7 @@ def main(argv=None):
                 group["lr"] = lr
             micro = micro_batches_for(step)
             mine = micro[dist.rank::dist.world] if dist else micro  # this rank's share of the step
+            t_step = time.perf_counter()
             try:
                 loss, grad_norm = train_step(model, optimizer, mine, args.device, args.precision, scaler,
                                              args.grad_clip, args.loss_chunk, n_targets=sum(map(count_targets, micro)),
@@ -344,10 +353,8 @@ def main(argv=None):
                         f"No checkpoint was saved before it (--save-every {args.save_every})"
                 raise UserError(f"loss is {loss} at step {step + 1}; stopped before updating the weights{hint}. {saved}")
             step += 1
-            tokens_since += sum(int(b["lengths"].sum()) for b in micro)  # real tokens, padding not counted
-            now = time.perf_counter()
-            tok_s = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
+            real_tokens = sum(int(b["lengths"].sum()) for b in micro)  # padding not counted
+            tok_s = real_tokens / max(time.perf_counter() - t_step, 1e-9)  # the step alone, not evals or saves
             mem = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
             if main_rank:
                 log_metrics(out, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tok_s),
@@ -357,9 +364,10 @@ def main(argv=None):
             if val_batches and (step % args.eval_every == 0 or step == total_steps):
                 val_loss = evaluate(model, val_batches, args.device, args.precision, args.loss_chunk)
                 sample = show_sample(model, tokenizer, template, sample_prompt)
+                val_ppl = math.exp(min(val_loss, 50))
                 if main_rank:
-                    log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-                    bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})\n  sample: {sample!r}")
+                    log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                    bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {val_ppl:.2f})\n  sample: {sample!r}")
             if step % args.save_every == 0 and step < total_steps:
                 save_state(out, model, optimizer, scaler, step, dist)
     except KeyboardInterrupt:
