@@ -63,4 +63,5 @@ class Distributed:
         return states
 
     def close(self):
+        dist.barrier()  # nobody hangs up while another rank still reads its last message
         dist.destroy_process_group()

@@ -23,7 +23,9 @@ def train(out, *args, ranks=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*launcher, str(ROOT / "train_sft.py"), "--out", str(out), *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # on failure, show what the ranks said (torchrun's own summary comes last and hides it)
+    rank_lines = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
+    assert proc.returncode == 0, (rank_lines or proc.stderr)[-4000:]
     return proc
 
 
