@@ -2,6 +2,7 @@
 
     python train_sft.py                                    # built-in demo: tiny model, no downloads
     python train_sft.py --checkpoint DIR --data alpaca.json   # the real thing (LoRA by default)
+    torchrun --nproc_per_node=2 train_sft.py ...              # the same on 2 GPUs (FSDP2: distributed.py)
 
 One optimizer step:
     for each of --grad-accum micro-batches:
@@ -50,6 +51,7 @@ DEMO = dict(method="full", lr=2e-3, epochs=40, seq_len=256, batch_size=8, grad_a
             eval_every=50, save_every=100)
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352, vocab_size=ByteTokenizer.vocab_size,
                           max_seq_len=256)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
