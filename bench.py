@@ -138,19 +138,20 @@ def main(argv=None):
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
     if dist:
         dist.close()
-        if not dist.is_main:
-            return
-    print(json.dumps({
-        "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
-        "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method != "full" else None,
-        "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,  # per GPU
-        "mfu_vs_989T": round(tok_s * per_tok / (H100_BF16_PEAK * world), 4),
-        "world_size": world, "tokens_per_s_per_gpu": round(tok_s / world),
-        "loss": round(float(loss), 4), "trainable_params": trainable,
-        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "compile": a.compile, "loss_chunk": a.loss_chunk,
-    }), flush=True)
+    if dist is None or dist.is_main:
+        print(json.dumps({
+            "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
+            "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method != "full" else None,
+            "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,  # per GPU
+            "mfu_vs_989T": round(tok_s * per_tok / (H100_BF16_PEAK * world), 4),
+            "world_size": world, "tokens_per_s_per_gpu": round(tok_s / world),
+            "loss": round(float(loss), 4), "trainable_params": trainable,
+            "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "compile": a.compile, "loss_chunk": a.loss_chunk,
+        }), flush=True)
+    if dist:
+        dist.exit()
 
 
 if __name__ == "__main__":

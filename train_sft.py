@@ -383,10 +383,11 @@ def main(argv=None):
     if dist:  # rank 0 writes the results from a plain (unsharded) copy of the trained model
         trained, _ = dist.training_state(model, optimizer)
         dist.close()
-        if not main_rank:
-            return
-        model, _ = build_model(argparse.Namespace(**{**vars(args), "device": "cpu"}))
-        model.load_state_dict(trained, strict=False)
+        if main_rank:
+            model, _ = build_model(argparse.Namespace(**{**vars(args), "device": "cpu"}))
+            model.load_state_dict(trained, strict=False)
+            finish(args, out, model, tokenizer)
+        dist.exit()
     finish(args, out, model, tokenizer)
 
 
