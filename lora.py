@@ -66,7 +66,8 @@ class LoRALinear(nn.Module):
         base.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        device = base.weight.device
+        # (an NF4Linear's `weight` dequantises the whole matrix: ask its stored codes instead)
+        device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
         # float32 adapters even on a bf16 base: tiny, and small updates are not rounded away
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
