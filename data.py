@@ -1,6 +1,6 @@
 r"""Instruction data → token ids with a loss mask → batches.
 
-    alpaca.json / chat.jsonl ─► load_records ─► {"system": str, "turns": [{"instruction", "input", "output"}, ...]}
+    alpaca.json / chat.jsonl ─► load_records ─► {"system": str | None, "turns": [{"instruction", "input", "output"}, ...]}
         ─► encode_example (a Template writes the turns out) ─► (input_ids, labels)
         ─► batching.make_batches (pad + group by length, or pack) ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
@@ -53,7 +53,9 @@ def _json_type(value) -> str:
 
 def load_records(path) -> list[dict]:
     """Read Alpaca or chat records from a JSON array or a JSON Lines file, normalised to
-    {"system": str, "turns": [{"instruction": str, "input": str, "output": str}, ...]}.
+    {"system": str or None, "turns": [{"instruction": str, "input": str, "output": str}, ...]}.
+    "system" is None when the record has no system message, and "" when it has an empty one:
+    official chat templates write the two differently.
 
     Accepted records: Alpaca {"instruction", "input" (optional), "output"}, with LLaMA-Factory's
     optional "history": [[user, assistant], ...] (earlier turns) and "system"; or chat
@@ -106,12 +108,13 @@ def normalize_record(record, where: str = "record") -> dict:
         raise UserError(f"{where}: 'history' must be a list of [user, assistant] string pairs")
     turns = [{"instruction": user, "input": "", "output": answer} for user, answer in history]
     turns.append({key: _string(record, key, where) for key in ("instruction", "input", "output")})
-    return {"system": _string(record, "system", where), "turns": turns}
+    system = _string(record, "system", where) if record.get("system") is not None else None
+    return {"system": system, "turns": turns}
 
 
 def _string(record: dict, key: str, where: str) -> str:
     value = record.get(key)
-    if value is None and key in ("input", "system"):  # optional: absent or null means empty
+    if value is None and key == "input":  # optional: absent or null means empty
         return ""
     if not isinstance(value, str):
         raise UserError(f"{where}: {key!r} must be a string, got {_json_type(value)}")
@@ -123,7 +126,7 @@ def _from_messages(messages, where: str) -> dict:
     user message gets the answer that follows it, and the answer is what is trained on."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty array of {{role, content}} objects")
-    system, turns = "", []
+    system, turns = None, []  # None: no system message (a template may then write its default)
     for i, message in enumerate(messages, 1):
         at = f"{where}: message {i}"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -155,18 +158,24 @@ def _from_messages(messages, where: str) -> dict:
 
 @dataclass(frozen=True)
 class Template:
-    """One turn is `prompt` (masked) then `response` and the end token (trained on); turns follow
-    each other. Placeholders: {instruction} {input} {output}, and {system}: the first prompt's
-    {system} slot receives `system` (itself holding the text as {system}) when the record has a
-    system message, else nothing. `<|...|>` markers are special tokens, never encoded as text."""
+    """One turn is `prompt` (masked) then `response` and the end token (trained on), then
+    `turn_end` (masked); turns follow each other. Placeholders: {instruction} {input} {output},
+    and {system}: the first prompt's {system} slot receives `system` (itself holding the text as
+    {system}) when the record has a system message, else nothing. `<|...|>` markers are special
+    tokens, never encoded as text."""
     name: str
     prompt: str                   # one turn's prompt, up to where the answer starts (the generation prompt)
     response: str = "{output}"
     system: str = "{system}\n\n"
     prompt_with_input: str = ""   # Alpaca: used when "input" is not empty; otherwise input joins the instruction
     end_token: str = ""           # "" = the tokenizer's EOS; else a special token such as "<|eot_id|>"
+    turn_end: str = ""            # text after the end token, not trained on (ChatML's "\n")
+    bos: bool = True              # start with BOS (if the tokenizer uses one); ChatML has none
     bos_every_turn: bool = False  # Llama-2 chat opens every [INST] with BOS
     strip: bool = False           # Meta's chat formats strip the whitespace around every message
+    empty_system_block: bool = True  # an explicit "" system message still gets its block, as the
+    #                                  official template writes it (alpaca and none have no official one)
+    default_system: bool = False  # no system message: write the model's default (see default_system_prompt)
 
 
 PROMPT_DICT = {  # Stanford Alpaca's train.py, verbatim
@@ -180,7 +189,7 @@ TEMPLATES = {t.name: t for t in [
     # Multi-turn records (Alpaca "history", chat) with alpaca or none: each turn is written the same
     # way, one after another (as LLaMA-Factory does), so later answers see the earlier turns.
     Template("alpaca", prompt="{system}" + PROMPT_DICT["prompt_no_input"],
-             prompt_with_input="{system}" + PROMPT_DICT["prompt_input"]),
+             prompt_with_input="{system}" + PROMPT_DICT["prompt_input"], empty_system_block=False),
     # Meta's llama/generation.py: per turn BOS + encode(f"[INST] {user} [/INST] {answer} ") + EOS.
     Template("llama2-chat", prompt="[INST] {system}{instruction} [/INST]", response=" {output} ",
              system="<<SYS>>\n{system}\n<</SYS>>\n\n", bos_every_turn=True, strip=True),
@@ -189,9 +198,23 @@ TEMPLATES = {t.name: t for t in [
                                    "<|start_header_id|>assistant<|end_header_id|>\n\n",
              system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
              end_token="<|eot_id|>", strip=True),
-    Template("none", prompt="{system}{instruction}"),  # raw text: prompt then answer, nothing between
+    # ChatML (SmolLM2, Qwen, ...): the model's own chat_template, with its default system prompt.
+    Template("chatml", prompt="{system}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
+             system="<|im_start|>system\n{system}<|im_end|>\n", end_token="<|im_end|>", turn_end="\n",
+             bos=False, default_system=True),
+    Template("none", prompt="{system}{instruction}", empty_system_block=False),  # raw text: prompt, then answer
 ]}
 SPECIAL_TOKEN = re.compile(r"(<\|[a-z0-9_]+\|>)")
+# The default system prompt inside a ChatML chat_template: the literal text of its system block,
+# e.g. SmolLM2's '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>'.
+# The newline is a real one or jinja's "\n"; the text holds no quotes or braces (not an expression).
+CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+
+
+def default_system_prompt(tokenizer: Tokenizer) -> str | None:
+    """The system prompt the model's own chat template writes when a conversation has none."""
+    match = CHATML_DEFAULT_SYSTEM.search(getattr(tokenizer, "chat_template", None) or "")
+    return match.group(1).replace("\\n", "\n") if match else None
 
 
 def get_template(name: str) -> Template:
@@ -233,16 +256,21 @@ def tokenize_conversation(record: dict, tokenizer: Tokenizer, template: Template
     conv = record if "turns" in record else normalize_record(record)
     end_id = tokenizer.special_id(template.end_token) if template.end_token else tokenizer.eos_id
     clean = str.strip if template.strip else str
+    system = conv.get("system")
+    if system is None and template.default_system:
+        system = default_system_prompt(tokenizer)
+    has_system = system is not None if template.empty_system_block else bool(system)
+    bos = template.bos and getattr(tokenizer, "add_bos", True)
     ids, is_response = [], []
     for i, turn in enumerate(conv["turns"]):
         instruction, extra = clean(turn["instruction"]), clean(turn["input"])
         fmt = template.prompt_with_input if extra and template.prompt_with_input else template.prompt
         if extra and not template.prompt_with_input:
             instruction = f"{instruction}\n\n{extra}"
-        fmt = fmt.replace("{system}", template.system if i == 0 and conv["system"] else "")
-        fields = {"system": clean(conv["system"]), "instruction": instruction, "input": extra}
+        fmt = fmt.replace("{system}", template.system if i == 0 and has_system else "")
+        fields = {"system": clean(system or ""), "instruction": instruction, "input": extra}
         prompt = _encode_format(fmt, fields, tokenizer)
-        if i == 0 or template.bos_every_turn:
+        if bos and (i == 0 or template.bos_every_turn):
             prompt.insert(0, tokenizer.bos_id)
         ids += prompt
         is_response += [False] * len(prompt)
@@ -251,6 +279,10 @@ def tokenize_conversation(record: dict, tokenizer: Tokenizer, template: Template
         answer = _encode_format(template.response, {"output": clean(turn["output"])}, tokenizer, continuation=True)
         ids += answer + [end_id]
         is_response += [True] * (len(answer) + 1)
+        if template.turn_end:
+            after = _encode_format(template.turn_end, {}, tokenizer)
+            ids += after
+            is_response += [False] * len(after)
     return ids, is_response
 
 
@@ -276,7 +308,7 @@ def encode_prompt(text_or_record, tokenizer: Tokenizer, template: Template) -> l
     assistant header). A string is one instruction; a record gives everything before its last answer."""
     record = text_or_record
     if isinstance(record, str):
-        record = {"system": "", "turns": [{"instruction": record, "input": "", "output": ""}]}
+        record = {"system": None, "turns": [{"instruction": record, "input": "", "output": ""}]}
     return tokenize_conversation(record, tokenizer, template, prompt_only=True)[0]
 
 

@@ -16,6 +16,7 @@ from model import IGNORE_INDEX, ModelConfig, Transformer
 from tokenizer import ByteTokenizer
 
 ALPACA = TEMPLATES["alpaca"]
+LLAMA_TEMPLATES = [name for name in TEMPLATES if name != "chatml"]  # chatml needs <|im_start|>: see below
 
 
 
@@ -59,7 +60,7 @@ def expected_text(template, record):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["llama2", "llama3"])
-@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("template", LLAMA_TEMPLATES)
 @pytest.mark.parametrize("record", RECORDS)
 def test_targets_decode_to_the_answer_and_prompt_to_the_prompt(template, tokenizer_name, record, request):
     tok = request.getfixturevalue(tokenizer_name)
@@ -151,6 +152,34 @@ def test_llama3_chat_matches_the_official_jinja_template(llama3):
     assert ids == llama3.enc.encode(text, allowed_special="all")
 
 
+@pytest.mark.parametrize("system", [None, "", " ", "Be brief."])
+def test_llama3_chat_system_message_as_the_official_template_writes_it(llama3, system):
+    """No system message: no block. An explicit empty one: an empty block, as Meta's template
+    (and ChatFormat) write it; " " also gets a block (stripped to empty)."""
+    import jinja2
+    config = json.loads(shared_path("models", "llama3-tokenizer", "meta-llama-3-8b-instruct",
+                                    "tokenizer_config.json").read_text())
+    messages = CONVERSATION["messages"][1:]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    text = jinja2.Template(config["chat_template"]).render(messages=messages, bos_token=config["bos_token"])
+    ids, _ = encode_example({"messages": messages}, llama3, TEMPLATES["llama3-chat"], 512)
+    assert ids == llama3.enc.encode(text, allowed_special="all")
+    assert (128006 in ids[:2]) and ((ids[2] == 9125) == (system is not None))  # the system header
+
+
+@pytest.mark.parametrize("system", [None, "", "Be brief."])
+def test_llama2_chat_system_message_as_meta_writes_it(llama2, system):
+    """Meta's chat_completion puts B_SYS + system + E_SYS in front of the first user message
+    whenever the dialog starts with a system message, empty or not."""
+    user = "Hello world" if system is None else "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + "Hello world"
+    reference = llama2.encode(f"[INST] {user.strip()} [/INST] Hi! ", bos=True, eos=True)
+    messages = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hi!"}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    assert encode_example({"messages": messages}, llama2, TEMPLATES["llama2-chat"], 512)[0] == reference
+
+
 def test_llama2_chat_matches_meta_reference(llama2):
     """Meta's llama/generation.py chat_completion, written out: per turn BOS + encode(...) + EOS."""
     dialog = CONVERSATION["messages"]
@@ -225,7 +254,7 @@ def test_truncation_dropping_and_train_on_prompt(llama2):
         encode_dataset([long_prompt, long_prompt], llama2, ALPACA, 256, progress=False, source="long.json")
 
 
-@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("template", LLAMA_TEMPLATES)
 def test_first_label_is_never_a_target(template, llama3):
     for train_on_prompt in (False, True):
         ids, labels = encode_example(CONVERSATION, llama3, TEMPLATES[template], 512, train_on_prompt)
@@ -389,8 +418,8 @@ def test_loads_json_jsonl_and_chat(tmp_path):
     alpaca = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e", "extra": 1}]
     (tmp_path / "a.json").write_text(json.dumps(alpaca))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in alpaca) + "\n\n")
-    expected = [{"system": "", "turns": [{"instruction": "a", "input": "b", "output": "c"}]},
-                {"system": "", "turns": [{"instruction": "d", "input": "", "output": "e"}]}]
+    expected = [{"system": None, "turns": [{"instruction": "a", "input": "b", "output": "c"}]},
+                {"system": None, "turns": [{"instruction": "d", "input": "", "output": "e"}]}]
     assert load_records(tmp_path / "a.json") == load_records(tmp_path / "a.jsonl") == expected
     (tmp_path / "chat.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
     assert load_records(tmp_path / "chat.jsonl") == [{"system": "Be brief.", "turns": [
@@ -441,7 +470,7 @@ def test_other_user_errors(tmp_path):
         load_records(tmp_path / "missing.json")
     with pytest.raises(UserError, match=r"seed_tasks\.jsonl: line 1: missing key 'output'"):
         load_records(shared_path("data", "seed_tasks.jsonl"))  # the seed tasks keep outputs in "instances"
-    with pytest.raises(UserError, match="unknown template 'vicuna'; known: alpaca, llama2-chat, llama3-chat, none"):
+    with pytest.raises(UserError, match="unknown template 'vicuna'; known: alpaca, llama2-chat, llama3-chat, chatml, none"):
         get_template("vicuna")
     with pytest.raises(UserError, match="unknown template"):
         main(["--data", str(tmp_path / "x.json"), "--tokenizer", "x", "--template", "vicuna"])
