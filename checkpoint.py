@@ -3,7 +3,7 @@
     directory with config.json + *.safetensors / pytorch_model*.bin   Hugging Face
     directory with params.json + consolidated.*.pth                   Meta's original release
     *.bin with a 7-int header / *.pt with model_args                  llama2.c
-    *.gguf (f32/f16/bf16 tensors)                                     llama.cpp
+    *.gguf (f32/f16/bf16 or quantised, read by gguf_file.py)          llama.cpp
     directory with model_config.json + model.safetensors              this project's own
 
 Each reader yields (name in the file, our name, tensor) lazily; `load_checkpoint` checks every
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from gguf_file import read_gguf  # llama.cpp's GGUF, quantised or not, lives in its own module
 from model import ModelConfig, Transformer
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
 
@@ -213,63 +214,6 @@ def read_llama2c_bin(path: Path, config: ModelConfig):
                     yield name, f"layers.{layer}.{name}", t[layer]
             else:
                 yield name, name, t
-    return config, tensors()
-
-
-GGUF_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # unquantised tensor types only
-
-
-def read_gguf(path: Path):
-    """llama.cpp's GGUF: header, key/value metadata, tensor table, aligned tensor data. Its
-    converter already stores q/k in Meta's pair order, so no permutation is needed."""
-    f = open(path, "rb")
-    u32, u64 = (lambda: struct.unpack("<I", f.read(4))[0]), (lambda: struct.unpack("<Q", f.read(8))[0])
-    string = lambda: f.read(u64()).decode("utf-8", "replace")
-    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-    def value(kind):
-        if kind == 8:
-            return string()
-        if kind == 9:
-            item_kind, n = u32(), u64()
-            return [value(item_kind) for _ in range(n)]
-        fmt = scalars[kind]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-    if f.read(4) != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (bad magic)")
-    u32()  # the format version: 2 and 3 share this layout
-    n_tensors, n_kv = u64(), u64()
-    meta = {string(): value(u32()) for _ in range(n_kv)}
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = string(), u32()
-        dims = [u64() for _ in range(n_dims)]
-        infos.append((name, dims[::-1], u32(), u64()))  # GGUF lists dims innermost first
-    align = meta.get("general.alignment", 32)
-    data_start = (f.tell() + align - 1) // align * align
-    f.close()
-    if meta.get("general.architecture") != "llama":
-        raise UserError(f"{path}: GGUF architecture {meta.get('general.architecture')!r}, expected 'llama'")
-    a = lambda k, default=None: meta.get(f"llama.{k}", default)
-    names = {i[0] for i in infos}
-    config = ModelConfig(dim=a("embedding_length"), n_layers=a("block_count"), n_heads=a("attention.head_count"),
-                         n_kv_heads=a("attention.head_count_kv", a("attention.head_count")),
-                         ffn_hidden=a("feed_forward_length"), vocab_size=len(meta.get("tokenizer.ggml.tokens", [])) or a("vocab_size"),
-                         norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=a("rope.freq_base", 10000.0),
-                         max_seq_len=a("context_length", 2048), tie_embeddings="output.weight" not in names)
-    raw = np.memmap(path, dtype=np.uint8, mode="c")
-    mapping = name_map("gguf", config.n_layers)
-
-    def tensors():
-        for name, shape, kind, offset in infos:
-            if kind not in GGUF_TYPES:
-                raise UserError(f"{path}: tensor {name} is quantised (ggml type {kind}); only f32/f16/bf16 GGUF files can be loaded")
-            dtype = GGUF_TYPES[kind]
-            n_bytes = int(np.prod(shape)) * dtype.itemsize
-            start = data_start + offset
-            t = torch.from_numpy(raw[start:start + n_bytes]).view(dtype).reshape(shape)
-            yield name, mapping.get(name, name), t
     return config, tensors()
 
 

@@ -388,10 +388,11 @@ def test_gguf_rejections(hf, tmp_path):
     with pytest.raises(UserError, match="architecture 'gpt2'"):
         load_checkpoint(tmp_path / "gpt2.gguf")
     name = "blk.1.ffn_up.weight"
-    tensors[name] = (2, tensors[name][1], tensors[name][2])  # Q4_0
-    write_gguf(tmp_path / "q4.gguf", tensors, GGUF_META)
-    with pytest.raises(UserError, match=rf"{name} is quantised \(ggml type 2\)"):
-        load_checkpoint(tmp_path / "q4.gguf")
+    tensors[name] = (10, tensors[name][1], tensors[name][2])  # Q2_K (others: test_gguf.py)
+    write_gguf(tmp_path / "q2_k.gguf", tensors, GGUF_META)
+    unsupported = rf"tensor {name} has ggml type Q2_K \(id 10\), which cannot be loaded"
+    with pytest.raises(UserError, match=unsupported + "; supported: F32, F16, Q4_0, .*, BF16$"):
+        load_checkpoint(tmp_path / "q2_k.gguf")
 
 
 # ---------------------------------------------------------------- this project's format and HF export
