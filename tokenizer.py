@@ -5,7 +5,7 @@
   special tokens (`<|begin_of_text|>`, `<|eot_id|>`, ...) that are not in the file and get ids
   after it.
 - Byte-level BPE in GPT-2's format (SmolLM2, StarCoder, Qwen2, ...): a vocabulary and a list of
-  merges, embedded in a llama.cpp `.gguf` file or in a Hugging Face `tokenizer.json`.
+  merges, embedded in a llama.cpp `.gguf` file or in a Hugging Face `tokenizer.json` (bpe.py).
 
 The backend is chosen by looking at the file, not by a flag.
 
@@ -13,44 +13,22 @@ Special-token text typed inside user text ("<|im_start|>" in an instruction) is 
 plain text, never as a control token: templates insert control tokens by id, via `special_id`.
 """
 import base64
-import json
+import shutil
 from pathlib import Path
 
 from errors import UserError
 
-# Pre-tokenizer patterns. Text is first cut into pieces by one of these regexes; each piece is
-# then tokenized on its own, so no token ever spans two pieces.
-#
-# GPT-2 (OpenAI's encoder.py; Hugging Face's ByteLevel(use_regex=True)): contractions, words,
-# numbers, punctuation runs, whitespace. A piece takes at most one leading space, and a run of
-# spaces leaves its last space to the word after it (`\s+(?!\S)`).
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# StarCoder and SmolLM2: every digit is a piece of its own. Hugging Face does it in two steps,
-# Digits(individual_digits=True) and then the GPT-2 regex on the text between the digits. In one
-# regex, a digit must end the text before it as the end of the string would: the spaces in
-# "a  1" stay one piece ("a", "  ", "1") because `(?![^\s\p{N}])` also accepts a digit next;
-# with GPT-2's `(?!\S)` there they would split into " ", " ". A digit takes no leading space.
-DIGITS_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-# Llama-3's split (Meta's llama3/tokenizer.py): contractions, words, 1-3 digit numbers,
-# punctuation runs, newlines, spaces.
+# Llama-3's pre-tokenizer split (Meta's llama3/tokenizer.py): text is first cut into pieces by
+# this regex (contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces), and
+# each piece is then tokenized on its own, so no token ever spans two pieces.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen2: Llama-3's split with single digits.
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# llama.cpp's names for them (GGUF key tokenizer.ggml.pre; its converter writes "gpt-2").
-GGUF_PRE_PATTERNS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
-                     "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
-                     "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
                    "<|reserved_special_token_4|>", "<|eot_id|>"]
                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
-# Generation also stops at these when the vocabulary has them: the end of a document, of a
-# ChatML turn, of a Llama-3 turn.
-STOP_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"]
 
 
 class Tokenizer:
@@ -75,9 +53,11 @@ class Tokenizer:
             raise UserError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
             head = f.readline(4096)
-        if head.startswith(b"GGUF"):
+        if head.startswith(b"GGUF"):  # byte-level BPE read from other formats: bpe.py
+            from bpe import gguf_tokenizer
             return gguf_tokenizer(path)
         if head.lstrip().startswith(b"{"):  # a JSON object: Hugging Face's tokenizer.json
+            from bpe import tokenizer_json_tokenizer
             return tokenizer_json_tokenizer(path)
         if _is_tiktoken_line(head):
             return TiktokenTokenizer(path)
@@ -95,6 +75,14 @@ class Tokenizer:
         """Id of a special token such as '<|eot_id|>' (never produced by `encode` from text)."""
         raise UserError(f"tokenizer {self.path.name} has no special token {token!r}")
 
+    def save(self, directory):
+        """Put the tokenizer beside a saved model, as `tokenizer.model`: the name every loader
+        looks for. A file already there is kept (an export may have copied the original)."""
+        from checkpoint import atomic_write
+        target = Path(directory) / "tokenizer.model"
+        if not target.exists():
+            atomic_write(target, lambda tmp: shutil.copyfile(self.path, tmp))
+
 
 class ByteTokenizer(Tokenizer):
     """Bytes as tokens (ids 0-255) plus BOS and EOS: needs no file, so the built-in demo of
@@ -108,6 +96,9 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory):
+        pass  # nothing to save: the demo builds it from nothing
 
 
 def _is_tiktoken_line(line: bytes) -> bool:
@@ -130,6 +121,7 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
     if checkpoint.is_file() and _is_gguf(checkpoint):
+        from bpe import gguf_tokenizer
         embedded = gguf_tokenizer(checkpoint, required=False)
         if embedded is not None:
             return embedded
@@ -209,250 +201,3 @@ class TiktokenTokenizer(Tokenizer):
         if token not in self.special:
             return super().special_id(token)
         return self.special[token]
-
-
-# ── Byte-level BPE (GPT-2's format) ──────────────────────────────────────────────────────────────
-
-class BPETokenizer(Tokenizer):
-    """Byte-level BPE: the pattern cuts the text into pieces; each piece starts as its UTF-8
-    bytes, and adjacent parts are merged, best-ranked merge first, until no merge applies.
-
-    tiktoken runs it. It merges the adjacent pair whose concatenation has the lowest rank, while
-    Hugging Face's BPE merges the pair that comes first in the merge list. Ranking every token by
-    the merge that makes it (single bytes first) makes the two choose alike on a vocabulary that
-    BPE training built, where each token is the merge of two earlier ones; the tests check it on
-    SmolLM2 and Llama-3. The vocabulary's ids are in another order (SmolLM2 puts its 17 special
-    tokens first, then the bytes by character), so `id_of_rank` maps tiktoken's ranks to ids.
-
-    vocab: the normal tokens, bytes → id; merges: the token each merge makes, best merge first;
-    special: control tokens, text → id. Special tokens never come out of `encode`.
-    """
-
-    def __init__(self, path: Path, vocab: dict, merges: list, special: dict, pattern: str, *,
-                 bos_id, eos_id, add_bos: bool, chat_template):
-        import tiktoken
-        self.path = path
-        self.special = special
-        ranks = merge_ranks(merges)
-        for token in ranks:
-            if len(token) > 1 and token not in vocab:
-                raise UserError(f"{path}: a merge makes {token!r}, which is not in the vocabulary")
-        # A byte the vocabulary lacks (SmolLM2 has no "\x04") maps to None and is dropped from
-        # the output, as llama.cpp and Hugging Face drop it.
-        self.id_of_rank = [vocab.get(token) for token in ranks]  # ranks are 0, 1, 2, ... in order
-        # Special tokens never come out of text, so tiktoken gets none (decode is done here).
-        self.encoding = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=ranks,
-                                          special_tokens={})
-        self.bytes_of_id = {i: token for token, i in vocab.items()}
-        self.bytes_of_id.update({i: text.encode("utf-8") for text, i in special.items()})
-        self.vocab_size = max(self.bytes_of_id) + 1
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        stops = {eos_id} | {special[token] for token in STOP_TOKENS if token in special}
-        self.stop_ids = stops - {None}
-        self.add_bos = add_bos
-        self.chat_template = chat_template
-
-    def _encode(self, text):
-        ids = (self.id_of_rank[rank] for rank in self.encoding.encode_ordinary(text))
-        return [i for i in ids if i is not None]
-
-    def decode(self, ids) -> str:
-        # A token can hold part of a character's bytes, so join the bytes before decoding them.
-        text_bytes = b"".join(self.bytes_of_id[i] for i in ids)
-        return text_bytes.decode("utf-8", errors="replace")
-
-    def special_id(self, token: str) -> int:
-        if token not in self.special:
-            return super().special_id(token)
-        return self.special[token]
-
-
-def merge_ranks(merged_tokens: list) -> dict:
-    """tiktoken's mergeable ranks: the 256 single bytes, then the token each merge makes, in merge
-    order (a token that two merges make keeps the rank of the first)."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in merged_tokens:
-        ranks.setdefault(token, len(ranks))
-    return ranks
-
-
-def gpt2_byte_of_char() -> dict:
-    """GPT-2 writes a token's bytes as printable characters: bytes that are printable Latin-1
-    stand for themselves, the other 68 (controls, space, ...) become U+0100, U+0101, ... in byte
-    order, so a space is 'Ġ' and a newline 'Ċ'. This maps those characters back to bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    byte_of_char = {chr(b): b for b in printable}
-    byte_of_char.update({chr(256 + n): b for n, b in enumerate(others)})
-    return byte_of_char
-
-
-BYTE_OF_CHAR = gpt2_byte_of_char()
-
-
-def gpt2_token_bytes(token: str) -> bytes:
-    try:
-        return bytes([BYTE_OF_CHAR[char] for char in token])
-    except KeyError as e:
-        raise UserError(f"token {token!r} has a character outside GPT-2's byte alphabet "
-                        f"({e.args[0]!r}): not a byte-level BPE vocabulary") from None
-
-
-def _merged_token(merge) -> bytes:
-    """The token a merge makes, from "Ġ t" (older files, GGUF) or ["Ġ", "t"] (newer files).
-    GPT-2's alphabet writes a space as 'Ġ', so the space in "Ġ t" only separates the two parts."""
-    left, right = merge.split(" ") if isinstance(merge, str) else merge
-    return gpt2_token_bytes(left + right)
-
-
-# ── Hugging Face tokenizer.json ──────────────────────────────────────────────────────────────────
-
-def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
-    """A byte-level BPE `tokenizer.json`, with `tokenizer_config.json` (BOS, EOS, add_bos,
-    chat_template) and `chat_template.jinja` beside it when present. All its added_tokens count
-    as special: templates insert them by id, and their text in user text stays plain text."""
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
-    if "model" not in spec:
-        raise UserError(f"{path}: not a tokenizer.json (it has no \"model\")")
-    model = spec["model"]
-    problem = _unsupported_part(spec)
-    if problem:
-        raise UserError(f"{path}: {problem} is beyond this project's byte-level BPE reader; "
-                        "use the model's tokenizer.model (SentencePiece or tiktoken) instead")
-    special = {added["content"]: added["id"] for added in spec.get("added_tokens", [])}
-    special_ids = set(special.values())
-    vocab = {gpt2_token_bytes(token): i for token, i in model["vocab"].items()
-             if i not in special_ids}
-    merges = [_merged_token(merge) for merge in model["merges"]]
-    config = _read_json(path.with_name("tokenizer_config.json"))
-    bos_token = _token_text(config.get("bos_token"))
-    eos_token = _token_text(config.get("eos_token"))
-    add_bos = config.get("add_bos_token")
-    if add_bos is None:  # then the post-processor says whether `add_special_tokens` adds BOS
-        add_bos = _template_starts_with(spec.get("post_processor"), bos_token)
-    return BPETokenizer(path, vocab, merges, special, _pre_tokenizer_pattern(spec["pre_tokenizer"]),
-                        bos_id=special.get(bos_token), eos_id=special.get(eos_token),
-                        add_bos=add_bos, chat_template=_chat_template(path, config))
-
-
-def _unsupported_part(spec: dict) -> str | None:
-    """What in a tokenizer.json this reader cannot reproduce exactly, or None."""
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        return f"a {model.get('type')} model"
-    if model.get("byte_fallback"):
-        return "SentencePiece-style BPE (byte_fallback)"
-    if spec.get("normalizer"):
-        return f"a normalizer ({spec['normalizer']['type']})"
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        return "a subword prefix or suffix"
-    if model.get("dropout"):
-        return "BPE dropout"
-    if _pre_tokenizer_pattern(spec.get("pre_tokenizer")) is None:
-        return f"the pre_tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
-    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        return f"the decoder {json.dumps(spec.get('decoder'))[:200]}"
-    return None
-
-
-def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str | None:
-    """The one regex that cuts text as this tokenizer.json pre_tokenizer does, or None. Known:
-    ByteLevel with its GPT-2 regex; Digits(individual_digits) then that; Split(regex) then
-    ByteLevel without a regex (Llama-3, Qwen2), where the Split regex (Oniguruma syntax) is
-    handed to tiktoken (fancy-regex) as it is. ByteLevel must add no prefix space."""
-    if pre_tokenizer is None:
-        return None
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
-    kinds = [step["type"] for step in steps]
-    byte_level = steps[-1]
-    if kinds[-1] != "ByteLevel" or byte_level.get("add_prefix_space"):
-        return None
-    uses_regex = byte_level.get("use_regex", True)
-    if kinds == ["ByteLevel"] and uses_regex:
-        return GPT2_PATTERN
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and uses_regex:
-        return DIGITS_PATTERN
-    split = steps[0]
-    if (kinds == ["Split", "ByteLevel"] and "Regex" in split["pattern"] and not uses_regex
-            and split.get("behavior") == "Isolated" and not split.get("invert")):
-        return split["pattern"]["Regex"]
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-
-
-def _token_text(token) -> str | None:
-    """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
-    return token.get("content") if isinstance(token, dict) else token
-
-
-def _template_starts_with(post_processor: dict | None, token: str | None) -> bool:
-    """Whether a TemplateProcessing post-processor (alone or in a Sequence) puts `token` first."""
-    if not post_processor or token is None:
-        return False
-    for step in post_processor.get("processors", [post_processor]):
-        if step["type"] == "TemplateProcessing":
-            first = step["single"][0]
-            return first.get("SpecialToken", {}).get("id") == token
-    return False
-
-
-def _chat_template(path: Path, config: dict) -> str | None:
-    """tokenizer_config.json's chat_template (a string, or a list of named templates), else the
-    chat_template.jinja file that newer transformers save beside it."""
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {entry["name"]: entry["template"] for entry in template}
-        template = named.get("default")
-    jinja = path.with_name("chat_template.jinja")
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template
-
-
-# ── llama.cpp GGUF ───────────────────────────────────────────────────────────────────────────────
-
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 is a normal token)
-
-
-def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
-    """The byte-level BPE tokenizer ("gpt2") embedded in a GGUF file. Another kind ("llama" is
-    SentencePiece) is a UserError, or None when not `required`."""
-    from gguf_file import read_gguf_header  # only GGUF files need it
-    path = Path(path)
-    meta = read_gguf_header(path).metadata
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        if not required:
-            return None
-        raise UserError(f"{path} embeds a {kind!r} tokenizer, which this project reads only from "
-                        "the model's own file: pass --tokenizer with its tokenizer.model")
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in GGUF_PRE_PATTERNS:
-        raise UserError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre = {pre!r} "
-                        f"(known: {', '.join(GGUF_PRE_PATTERNS)})")
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    special = {token: i for i, token in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)}
-    vocab = {gpt2_token_bytes(token): i for i, token in enumerate(tokens)
-             if types[i] not in (CONTROL, USER_DEFINED)}
-    merges = [_merged_token(merge) for merge in meta.get("tokenizer.ggml.merges", [])]
-    # llama.cpp starts Llama-3 prompts with BOS unless the file says otherwise, others not.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", pre == "llama-bpe")
-    return BPETokenizer(path, vocab, merges, special, GGUF_PRE_PATTERNS[pre],
-                        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                        eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                        add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
