@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, disk_full_cause
 from gguf_file import read_gguf  # llama.cpp's GGUF, quantised or not, lives in its own module
 from model import ModelConfig, Transformer
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
@@ -292,7 +292,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = Fa
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash mid-write leaves the old file whole.
-    (os.replace is atomic on POSIX when both paths are on one filesystem, hence the tmp beside it.)"""
+    (os.replace is atomic on POSIX when both paths are on one filesystem, hence the tmp beside it.)
+    The tmp is named .NAME.XXXXXXXX.tmp; run_dir.py removes those a kill -9 leaves behind.
+    A full disk is a UserError that says the previous file is kept; nothing else is caught."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -303,9 +305,13 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)  # (missing if `write` itself removed it)
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        kept = f"the previous {path} is kept" if path.exists() else "nothing was written"
+        raise UserError(f"{cause} while writing {path}; {kept}") from None
 
 
 def save_safetensors(tensors: dict, path, metadata=None):
