@@ -1,13 +1,31 @@
 """The output directory of a training run: what train_sft.py writes, and how it resumes.
 
-    out/config.json      the resolved settings; --resume refuses a run that would differ
-    out/checkpoint.pt    trainable weights, AdamW state, step, RNG states: one file, written atomically
+    out/config.json      the settings, where the inputs are and what they hold: --resume checks them
+    out/checkpoint.pt    trainable weights, AdamW state, step, RNG states, in one atomic file
     out/metrics.jsonl    one row per step and per evaluation
     out/loss.png         the curves, drawn at the end (if matplotlib is installed)
+    out/.lock            locked while a run uses the directory, so that two runs never share it
+
+A run writes only into a new or empty directory, or into a run directory of this project
+(recognised by its config.json); never into a model's, a dataset's or anyone else's. What
+`prepare_out` does with --out:
+
+    new, or empty                          start
+    a run that has no checkpoint.pt yet    start it over: it stopped before saving, nothing is lost
+    a run with a checkpoint.pt             continue it with --resume; refuse without
+    a finished run whose checkpoint.pt     refuse: its model or adapter would be overwritten
+      was deleted
+    anything else                          refuse, before writing anything
 
 `dist` is a distributed.Distributed under torchrun, else None.
 """
+import dataclasses
+import fcntl
+import hashlib
 import json
+import os
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,35 +33,311 @@ import torch
 from checkpoint import atomic_write, write_json
 from errors import UserError
 
-# Settings that decide the model, the data order or the parameters: a resumed run must match them.
-RESUME_MUST_MATCH = ("checkpoint", "data", "val_data", "val_split", "template", "train_on_prompt", "method",
-                     "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "seq_len",
-                     "batch_size", "grad_accum", "seed", "packing", "world_size")
+RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
+CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"
+RESULTS = ("adapter", "peft", "model", "hf")  # what a finished run writes (train_sft.finish)
+# atomic_write's temporary files: "." + final name + "." + mkstemp's 8 random characters + ".tmp"
+TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# Keys that every version of train_sft.py wrote into config.json, before RUN_FORMAT existed.
+OLD_RUN_KEYS = {"out", "data", "method", "seed", "lr", "batch_size", "resume"}
+
+# Settings that change the trained weights: a resumed run must use the same ones. Nested groups
+# are flattened: TrainConfig's lora.r is "lora_r" (see flat_settings).
+RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
+                     "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
+                     "grad_accum", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps",
+                     "grad_clip", "seed", "precision", "loss_chunk", "packing", "world_size")
+# Settings that may change on --resume: they decide what is shown or saved, where, or how fast.
+# --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
+# change only how the same arithmetic is rounded (fused kernels, another processor): the run is
+# the same training, not bit for bit the same numbers, and turning them off or on may be what
+# lets a run go on at all (a compiler error, an out-of-memory error, another machine).
+RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
+                     "device", "grad_ckpt", "compile")
+INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
+# Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".
+OLD_NAMES = {"lora_rslora": "rslora", "lora_dora": "dora"}
+
+_held_locks = {}  # run directory (resolved) -> its open lock file, locked until this process ends
+
+
+# ---------------------------------------------------------------- the settings as a dict
+
+def settings_of(config) -> dict:
+    """The run's settings as a dict of JSON values: `config` is a dataclass (TrainConfig) or an
+    argparse.Namespace. Nested dataclasses stay nested ({"lora": {"r": 16, ...}})."""
+    if dataclasses.is_dataclass(config):
+        settings = dataclasses.asdict(config)
+    else:
+        settings = dict(vars(config))
+    return {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+
+
+def flat_settings(settings: dict) -> dict:
+    """Nested groups as one level, as the flags spell them: {"lora": {"r": 16}} → {"lora_r": 16}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key != "inputs":
+            flat.update({f"{key}_{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_inputs(settings: dict) -> dict:
+    """Where the inputs are, resolved (so that another spelling of the same path is the same input),
+    and for the data files what they hold (size and sha256: a few seconds for gigabytes of data),
+    so that --resume notices a file that changed. A missing file is left for data.py to report."""
+    inputs = {}
+    for name in INPUTS:
+        given = settings.get(name)
+        if not given:
+            inputs[name] = None
+            continue
+        path = Path(given).resolve()
+        inputs[name] = {"path": str(path)}
+        if name in ("data", "val_data") and path.is_file():
+            inputs[name].update(bytes=path.stat().st_size, sha256=sha256_of(path))
+    return inputs
+
+
+# ---------------------------------------------------------------- what --out holds
+
+def run_config(directory) -> dict | None:
+    """The config.json of a run directory of this project, or None if `directory` is not one."""
+    try:
+        config = json.loads((Path(directory) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return config if _is_run_config(config) else None
+
+
+def _is_run_config(config) -> bool:
+    return isinstance(config, dict) and ("run_format" in config or OLD_RUN_KEYS <= config.keys())
+
+
+def existing_run(out: Path) -> dict | None:
+    """The config of the run in `out`; None if `out` is new or empty (but for our lock file and
+    temporary files). A directory holding anything else is refused: we did not write it."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"cannot write to --out {out}: it is a file, not a directory")
+    try:
+        names = sorted(p.name for p in out.iterdir() if not _ours_to_ignore(p.name))
+        text = (out / CONFIG).read_text() if CONFIG in names else None
+    except OSError as e:
+        raise UserError(f"cannot read --out {out}: {e.strerror}") from None
+    if not names:
+        return None
+    if text is not None:
+        try:
+            config = json.loads(text)
+        except ValueError as e:
+            if CHECKPOINT in names or METRICS in names:  # our run, with its config.json damaged
+                raise UserError(f"{out / CONFIG} is damaged (not readable JSON: {e}); restore it "
+                                "(the run printed it as its 'config:' line) or choose another --out"
+                                ) from None
+            config = None
+        if _is_run_config(config):
+            return config
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise UserError(f"--out {out} holds files this project did not write ({shown}); a run writes "
+                    "only into a new or empty directory, or into its own run directory: choose "
+                    "another --out")
+
+
+def _ours_to_ignore(name: str) -> bool:
+    """Our lock file and temporary files: they alone do not make a directory a run."""
+    return name == LOCK or TEMP_FILE.fullmatch(name) is not None
+
+
+def refuse_inputs_inside(out: Path, settings: dict, inputs: dict):
+    """--out must not be, or contain, a file or directory the run reads."""
+    where = out.resolve()
+    for name in INPUTS:
+        if inputs[name] is None:
+            continue
+        path = Path(inputs[name]["path"])
+        if path == where or where in path.parents:
+            flag = "--" + name.replace("_", "-")
+            relation = "is" if path == where else "contains"
+            raise UserError(f"--out {out} {relation} the {flag} {settings[name]}: a run never "
+                            "writes where its inputs are; choose another --out")
+
+
+# ---------------------------------------------------------------- taking --out for this run
+
+def lock_run_dir(out: Path):
+    """An exclusive flock on out/.lock, held until this process ends (the OS releases it even after
+    kill -9), so that a second run into the same --out stops at once instead of mixing its files
+    with ours. The file holds the pid of the run that has it, for the message."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = out.resolve()
+        earlier = _held_locks.pop(key, None)
+        if earlier:  # this process used out before (tests call train_sft.main again): let go first
+            earlier.close()
+        lock = open(out / LOCK, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"another run is using {out} (pid {holder}); wait for it to end, or choose "
+                        "another --out") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _held_locks[key] = lock
+
+
+def remove_temp_files(out: Path):
+    """Remove the temporary files of saves that a kill -9 or a power cut interrupted (a full
+    fine-tune's is gigabytes). Only under the lock: then no save of a live run is writing them."""
+    folders = [out] + [out / name for name in RESULTS if (out / name).is_dir()]
+    stale = [p for folder in folders for p in folder.iterdir()
+             if TEMP_FILE.fullmatch(p.name) and p.is_file()]
+    if not stale:
+        return
+    mib = sum(p.stat().st_size for p in stale) / 2**20
+    for p in stale:
+        p.unlink()
+    files = "file" if len(stale) == 1 else "files"
+    print(f"note: removed {len(stale)} temporary {files} left by interrupted saves ({mib:.1f} MiB)")
+
+
+def start_over(out: Path, write: bool):
+    """A run that stopped before its first checkpoint: its rows in metrics.jsonl are of no use."""
+    if write:
+        (out / METRICS).unlink(missing_ok=True)
+        (out / "loss.png").unlink(missing_ok=True)
 
 
 def prepare_out(args, write=True) -> Path:
-    """Refuse to overwrite another run; on --resume, refuse a config that changes the run."""
+    """Check --out and take it for this run (see the module docstring); return it as a Path.
+    `args` is a TrainConfig (or argparse.Namespace). Every refusal is one line, before anything
+    is written. write=False (torchrun ranks other than 0): check only; rank 0 writes and locks."""
     out = Path(args.out)
-    run_config = dict(vars(args))
-    previous = out / "config.json"
-    if args.resume:
-        if not previous.exists():
-            raise UserError(f"--resume: {out} holds no run (no config.json)")
-        old = json.loads(previous.read_text())
-        changed = [k for k in RESUME_MUST_MATCH if old.get(k) != run_config.get(k)]
-        if changed:
-            raise UserError(f"--resume: {out} was trained with different settings: "
-                            + ", ".join(f"{k} {old.get(k)!r} → {run_config.get(k)!r}" for k in changed))
-    elif previous.exists() and any((out / f).exists() for f in ("checkpoint.pt", "metrics.jsonl")):
-        # (config.json alone is a run that failed before its first step, e.g. on a wrong path: nothing to lose)
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    try:
-        if write:
-            write_json(previous, run_config)
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out}: {e.strerror}") from None
+    settings = settings_of(args)
+    inputs = describe_inputs(settings)
+    refuse_inputs_inside(out, settings, inputs)
+    existing_run(out)  # refuses another's directory before anything, even the lock file, is written
+    if write:
+        lock_run_dir(out)
+        remove_temp_files(out)
+    old = existing_run(out)  # (read again: now no other run can change it)
+    saved = (out / CHECKPOINT).exists()
+    results = [name for name in RESULTS if (out / name).exists()]
+    if results and not saved:  # its checkpoint.pt was deleted, e.g. to save space
+        raise UserError(f"{out} holds the results of a finished run ({', '.join(results)}) and no "
+                        f"{CHECKPOINT}; choose another --out")
+    if args.resume and old is None:
+        raise UserError(f"--resume: {out} holds no run (no {CONFIG}); leave out --resume to start "
+                        "one")
+    if args.resume and saved:
+        check_resume(out, old, settings, inputs)
+    elif saved:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    elif old is not None:  # stopped before its first checkpoint: nothing to lose, start it over
+        if write and args.resume:
+            print(f"--resume: {out} has no checkpoint yet (the run stopped before its first save); "
+                  "starting from step 0")
+        elif write:
+            print(f"note: {out} holds a run that stopped before its first checkpoint; "
+                  "starting it over")
+        start_over(out, write)
+    if write:
+        write_json(out / CONFIG, {**settings, "run_format": RUN_FORMAT, "inputs": inputs})
     return out
 
+
+# ---------------------------------------------------------------- --resume
+
+def check_resume(out: Path, old: dict, settings: dict, inputs: dict):
+    """Refuse (one line naming every difference, nothing rewritten) a resumed run whose settings or
+    inputs would train other weights, or a checkpoint.pt that is not one."""
+    changed = changed_settings(old, {**settings, "inputs": inputs})
+    if changed:
+        raise UserError(f"--resume: {out} was trained with different settings: "
+                        f"{', '.join(changed)}; resume with the same ones, or choose another --out "
+                        "for a new run")
+    path = out / CHECKPOINT
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip: a quick look before the model loads
+        raise UserError(damaged(path, "not a zip archive: truncated or overwritten"))
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """'name old → new' for every setting of RESUME_MUST_MATCH that differs. Settings that an older
+    run did not record are not compared: it cannot say what they were."""
+    old_flat, new_flat = flat_settings(old), flat_settings(new)
+    changed = []
+    for key in RESUME_MUST_MATCH:
+        recorded, before = _setting(old_flat, key)
+        if not recorded:
+            continue
+        now = _setting(new_flat, key)[1]
+        if key in INPUTS:
+            difference = input_difference(key, before, now, old.get("inputs"), new["inputs"])
+            if difference:
+                changed.append(difference)
+        elif before != now:
+            changed.append(f"{key} {before!r} → {now!r}")
+    return changed
+
+
+def _setting(flat: dict, key: str) -> tuple[bool, object]:
+    """(recorded?, value) of a flattened setting, under its name or the name today's config uses."""
+    for name in (key, OLD_NAMES.get(key)):
+        if name in flat:
+            return True, flat[name]
+    return False, None
+
+
+def input_difference(key: str, before, now, old_inputs: dict | None, new_inputs: dict):
+    """Data files are the same when they hold the same bytes, wherever they are; a checkpoint or
+    a tokenizer when it is the same path, resolved (hashing a model of gigabytes would be slow).
+    Returns how it differs, or None."""
+    old_in = (old_inputs or {}).get(key)
+    if old_inputs is None and before:  # a run of the previous version: only the path as given
+        old_in = {"path": str(Path(before).resolve())}
+    new_in = new_inputs.get(key)
+    if old_in is None or new_in is None:
+        return None if old_in is new_in else f"{key} {before!r} → {now!r}"
+    if "sha256" in old_in and "sha256" in new_in:
+        if (old_in["sha256"], old_in["bytes"]) == (new_in["sha256"], new_in["bytes"]):
+            return None
+        if old_in["path"] == new_in["path"]:
+            old_hash, new_hash = old_in["sha256"][:12], new_in["sha256"][:12]
+            return f"{key} {now!r} changed since the run started (sha256 {old_hash}… → {new_hash}…)"
+        return f"{key} {before!r} → {now!r} (other content)"
+    return None if old_in["path"] == new_in["path"] else f"{key} {before!r} → {now!r}"
+
+
+def damaged(path: Path, reason: str) -> str:
+    return f"--resume: {path} is damaged ({reason}); delete it to start this run over from step 0"
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message cut to one line (torch's can run to dozens)."""
+    lines = str(e).strip().splitlines() or [""]
+    return lines[0][:200]
+
+
+# ---------------------------------------------------------------- checkpoint.pt
 
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
@@ -71,23 +365,39 @@ def save_state(out: Path, model, optimizer, scaler, step, dist=None):
         optimizer_state, rng = optimizer.state_dict(), [_rng_state()]
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
              "scaler": scaler.state_dict() if scaler else None}
-    atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def read_state(path: Path) -> dict:
+    """checkpoint.pt as save_state wrote it, or one line saying it is damaged."""
+    try:  # weights_only: an untrusted file gets to hold tensors, not code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, not a checkpoint: torch raises many kinds
+        raise UserError(damaged(path, f"{type(e).__name__}: {first_line(e)}")) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= state.keys():
+        raise UserError(damaged(path, "not a training state written by train_sft.py"))
+    return state
 
 
 def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
-    """Restore what save_state wrote; return the step to continue from."""
-    path = out / "checkpoint.pt"
+    """Restore what save_state wrote; return the step to continue from. No checkpoint.pt yet:
+    step 0 (prepare_out has said that the run starts over)."""
+    path = out / CHECKPOINT
     if not path.exists():
-        raise UserError(f"--resume: no checkpoint in {out} (expected {path.name})")
-    state = torch.load(path, map_location="cpu", weights_only=True)  # untrusted file: tensors only
+        return 0
+    state = read_state(path)
     missing = _trainable_names(model) - set(state["model"])
     if missing:
-        raise UserError(f"--resume: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
-    if dist:
-        dist.load_training_state(model, optimizer, state["model"], state["optimizer"])
-    else:
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        raise UserError(f"--resume: {path} lacks {len(missing)} trainable tensors "
+                        f"(e.g. {sorted(missing)[0]})")
+    try:
+        if dist:
+            dist.load_training_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or groups of another model
+        raise UserError(f"--resume: {path} does not fit this model ({first_line(e)})") from None
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"][dist.rank if dist else 0]
@@ -97,17 +407,42 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
     return state["step"]
 
 
+# ---------------------------------------------------------------- metrics.jsonl and loss.png
+
 def log_metrics(out: Path, row: dict):
-    with open(out / "metrics.jsonl", "a") as f:
+    with open(out / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """([(line, row)], numbers of the lines that are not a row): a kill in the middle of an
+    append leaves a last line cut short."""
+    rows, unreadable = [], []
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append((line if line.endswith("\n") else line + "\n", row))
+        else:
+            unreadable.append(number)
+    return rows, unreadable
 
 
 def drop_metrics_after(out: Path, step: int):
     """On resume, the steps logged after the checkpoint are done again: drop their rows, or they
-    would appear twice."""
-    if (out / "metrics.jsonl").exists():
-        rows = [line for line in open(out / "metrics.jsonl") if json.loads(line)["step"] <= step]
-        atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(rows)))
+    would appear twice. Unreadable lines are dropped too, with a note."""
+    path = out / METRICS
+    if not path.exists():
+        return
+    rows, unreadable = read_metrics(path)
+    if unreadable:
+        lines = "line" if len(unreadable) == 1 else "lines"
+        print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
+              f"({lines} {', '.join(map(str, unreadable))}), left by a run killed while writing it")
+    kept = "".join(line for line, row in rows if row["step"] <= step)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
 
 
 def plot_losses(out: Path):
@@ -118,7 +453,7 @@ def plot_losses(out: Path):
     except ImportError:
         print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
         return
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = [row for _, row in read_metrics(out / METRICS)[0]]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
