@@ -1,17 +1,19 @@
 """Sample text from a checkpoint (optionally with a LoRA adapter and a chat template).
 
-    python generate.py --checkpoint ../shared/models/stories260K --prompt "Once upon a time" --temperature 0
+    python generate.py --checkpoint ../shared/models/stories260K --prompt "Once upon a time"
+    python generate.py --checkpoint out --template alpaca --prompt "Name a color."  # a run's --out
 
 Decoding runs the prompt through the model once ("prefill"), keeping every layer's keys and
 values in a KV cache; each new token then costs one position's work.
 """
-import argparse
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from errors import UserError, run_cli
+from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
+                    non_negative_float, positive_int, run_cli)
 from model import KVCache, Transformer
 
 
@@ -41,15 +43,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_tokens: int = 256,
              temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time until a stop token or max_new_tokens (or the context is full)."""
+    """Yield new token ids one at a time until a stop token, max_new_tokens or a full context."""
+    if max_new_tokens < 1:  # (else the check below would blame the prompt)
+        raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     device = next(model.parameters()).device
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_seq_len)
     if len(prompt_ids) >= max_len:
-        raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {model.config.max_seq_len}")
+        raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+                        f"{model.config.max_seq_len}")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, 1, max_len, device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
+    cache_dtype = dtype if dtype.is_floating_point else torch.float32
+    cache = KVCache(model.config, 1, max_len, device=device, dtype=cache_dtype)
     tokens = torch.tensor([prompt_ids], device=device)
     try:
         for _ in range(max_new_tokens):
@@ -65,33 +71,84 @@ def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_token
         model.train(was_training)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or file (HF, Meta, llama2.c, GGUF, ours)")
-    p.add_argument("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
-    p.add_argument("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of --checkpoint")
-    p.add_argument("--prompt", default="", help="text to continue (encoded with BOS first)")
-    p.add_argument("--template", default="none",
-                   help="wrap --prompt as an instruction with this template (alpaca, llama2-chat, llama3-chat; none = raw text)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="weights dtype (default: bf16 on CUDA, fp32 on CPU)")
-    args = p.parse_args(argv)
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    a = p.add_argument
+    a("--checkpoint", required=True,
+      help="checkpoint directory or file (HF, Meta, llama2.c, GGUF, ours), or the --out directory "
+      "of a training run (its model/, or its adapter/ on the run's base model)")
+    a("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
+    a("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of "
+      "--checkpoint (default: none)")
+    a("--prompt", default="", help="text to continue, encoded with BOS first (default: empty, the "
+      "model starts from BOS alone)")
+    a("--template", default="none", help="wrap --prompt as an instruction with this template "
+      "(alpaca, llama2-chat, llama3-chat, ...; none = raw text)")
+    a("--max-new-tokens", type=positive_int, default=256, help="stop after this many new tokens")
+    a("--temperature", type=non_negative_float, default=0.8,
+      help="divide the logits by this before sampling; 0 = greedy")
+    a("--top-k", type=positive_int, help="sample among the k most likely tokens (default: all)")
+    a("--top-p", type=fraction, help="sample among the most likely tokens whose probabilities add "
+      "up to p, in (0, 1] (default: 1, all)")
+    a("--seed", type=int, default=1337, help="seed of the sampling")
+    a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
+    a("--precision", choices=["bf16", "fp16", "fp32"],
+      help="weights dtype (default: bf16 on CUDA, fp32 otherwise)")
+    return p.parse_args(argv)
 
+
+def resolve_run_dir(args):
+    """A training run's --out directory stands for what the run produced: its model/ (full
+    fine-tuning or --merge), else its adapter/ on the base model named in its config.json.
+    Returns (checkpoint, adapter, tokenizer: a path, None or a ByteTokenizer); paths that are not
+    a run come back as given. A one-line note on stderr says what was chosen."""
+    from run_dir import run_config
+    from tokenizer import ByteTokenizer
+    config = run_config(args.checkpoint)
+    if config is None:
+        return args.checkpoint, args.adapter, args.tokenizer
+    run = Path(args.checkpoint)
+    inputs = config.get("inputs") or {}
+    demo = config.get("checkpoint") is None  # the built-in demo: byte tokens, weights never saved
+    if (run / "model").is_dir():
+        tokenizer = args.tokenizer or (ByteTokenizer() if demo else None)
+        print(f"note: {run} is a training run: using its fine-tuned model {run / 'model'}",
+              file=sys.stderr)
+        return run / "model", args.adapter, tokenizer
+    if not (run / "adapter").is_dir():
+        holds = ", ".join(sorted(p.name for p in run.iterdir() if not p.name.startswith(".")))
+        raise UserError(f"{run} is a training run without a model/ or adapter/ (it holds {holds}): "
+                        "it has not finished; continue it with train_sft.py --resume")
+    if args.adapter:
+        raise UserError(f"--checkpoint {run} is a training run that brings its own adapter; leave "
+                        "out --adapter")
+    if demo:
+        raise UserError(f"{run} holds an adapter for the built-in demo model, whose random weights "
+                        "were never saved: there is no base model to apply it to")
+    base = (inputs.get("checkpoint") or {}).get("path") or config["checkpoint"]
+    if not Path(base).exists():
+        raise UserError(f"{run} was trained on {base} (its config.json), which is not there any "
+                        f"more; pass --checkpoint BASE --adapter {run / 'adapter'}")
+    run_tokenizer = (inputs.get("tokenizer") or {}).get("path") or config.get("tokenizer")
+    tokenizer = args.tokenizer or run_tokenizer
+    print(f"note: {run} is a training run: using its adapter {run / 'adapter'} on its base model "
+          f"{base}", file=sys.stderr)
+    return base, run / "adapter", tokenizer
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from checkpoint import load_checkpoint
-    from tokenizer import checkpoint_tokenizer
+    from tokenizer import ByteTokenizer, checkpoint_tokenizer
+    checkpoint, adapter, tokenizer = resolve_run_dir(args)
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    model, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
-    tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
-    if args.adapter:
+    model, _ = load_checkpoint(checkpoint, device=args.device, dtype=dtype)
+    if not isinstance(tokenizer, ByteTokenizer):
+        tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
+    if adapter:
         from lora import load_adapter
-        load_adapter(model, args.adapter)
+        load_adapter(model, adapter)
     if args.template != "none":
         from data import encode_prompt, get_template
         prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))

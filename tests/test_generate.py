@@ -1,6 +1,7 @@
 """Sampling and decoding: sample_next's filters, generate() on the real stories260K model against
 llama2.c's greedy output, and the command line (text on stdout, diagnostics and errors on stderr)."""
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,10 +12,11 @@ import torch
 
 from checkpoint import load_checkpoint
 from conftest import shared_path
-from errors import UserError
+from errors import UserError, run_cli
 from generate import generate, sample_next
+from generate import main as generate_main
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer
+from tokenizer import ByteTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
@@ -150,3 +152,136 @@ def test_cli_error_is_one_line():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "/nonexistent" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- one line for every mistake
+
+def _main(argv, capsys):
+    """generate.py's main as the command line runs it, in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_cli(generate_main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "gpu0"], "argument --device: 'gpu0' is not a device (use cpu, cuda, cuda:N or "
+                           "mps)"),
+    (["--device", "cuda"], "argument --device: cuda: this machine has no CUDA GPU (use --device "
+                           "cpu)"),
+    (["--top-p", "0"], "argument --top-p: must be a number in (0, 1], got 0"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1], got 1.5"),
+    (["--top-k", "-3"], "argument --top-k: must be an integer >= 1, got -3"),
+    (["--top-k", "two"], "argument --top-k: must be an integer >= 1, got 'two'"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got nan"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got -1"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'bf16', "
+                             "'fp16', 'fp32')"),
+    ([], "the following arguments are required: --checkpoint"),
+])
+def test_bad_flags_are_one_line(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    checkpoint = ["--checkpoint", "/nonexistent"] if flags else []
+    assert _main([*checkpoint, *flags], capsys) == (2, "", f"error: {message}\n")
+
+
+def test_generate_refuses_zero_new_tokens(stories):
+    model, tok = stories
+    with pytest.raises(UserError, match=r"^max_new_tokens must be at least 1 \(got 0\)$"):
+        list(generate(model, tok, [1, 403], max_new_tokens=0))
+
+
+def help_blocks(text: str) -> dict:
+    """{flag: its lines in --help}: a block starts at a line '  --flag ...'."""
+    blocks, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].split(",")[0]
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+        else:
+            flag = None
+    return blocks
+
+
+def test_help_gives_every_flag_a_text_and_its_default(capsys):
+    code, out, err = _main(["--help"], capsys)
+    assert code == 0 and err == ""
+    blocks = help_blocks(out)
+    flags = {"--checkpoint", "--top-p", "--top-k", "--temperature", "--max-new-tokens", "--device"}
+    assert flags <= blocks.keys()
+    for flag, block in blocks.items():
+        if flag in ("-h", "--checkpoint"):  # (--checkpoint is required: no default)
+            continue
+        assert "default" in block, block
+    assert "stop after this many new tokens (default: 256)" in blocks["--max-new-tokens"]
+
+
+# ---------------------------------------------------------------- --checkpoint RUN_DIR
+
+def _train(*argv):
+    import train_sft
+    train_sft.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three real training runs: full fine-tuning of the demo, LoRA on stories260K, LoRA on the
+    demo model (one step each)."""
+    root = tmp_path_factory.mktemp("runs")
+    small = ["--max-steps", 1, "--val-split", 0, "--batch-size", 2]
+    demo = ["--template", "none", "--seq-len", 64, *small]
+    _train("--out", root / "full", *demo)
+    stories = shared_path("models", "stories260K")
+    alpaca = shared_path("data", "litgpt_fixture_alpaca.json")
+    _train("--checkpoint", stories, "--data", alpaca, "--out", root / "lora", "--seq-len", 256,
+           *small)
+    _train("--out", root / "demo-lora", "--method", "lora", *demo)
+    return root
+
+
+def test_checkpoint_is_a_full_fine_tuning_run(runs, capsys):
+    code, out, err = _main(["--checkpoint", runs / "full", "--prompt", "Hi", "--temperature", 0,
+                            "--max-new-tokens", 5], capsys)
+    assert code == 0, err
+    run = runs / "full"
+    assert err.splitlines()[0] == (f"note: {run} is a training run: using its fine-tuned model "
+                                   f"{run / 'model'}")
+    model, _ = load_checkpoint(run / "model")
+    tok = ByteTokenizer()
+    expected = tok.decode(list(generate(model, tok, tok.encode("Hi", bos=True), 5, temperature=0)))
+    assert out == expected + "\n"
+
+
+def test_checkpoint_is_a_lora_run(runs, capsys):
+    run, stories = runs / "lora", shared_path("models", "stories260K")
+    argv = ["--prompt", "Once upon a time", "--temperature", 0, "--max-new-tokens", 12]
+    code, out, err = _main(["--checkpoint", run, *argv], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"note: {run} is a training run: using its adapter "
+                                   f"{run / 'adapter'} on its base model {stories.resolve()}")
+    assert _main(["--checkpoint", stories, "--adapter", run / "adapter", *argv], capsys)[1] == out
+    code, _, err = _main(["--checkpoint", run, "--adapter", run / "adapter", *argv], capsys)
+    assert (code, err) == (2, f"error: --checkpoint {run} is a training run that brings its own "
+                              "adapter; leave out --adapter\n")
+
+
+def test_checkpoint_is_an_unfinished_or_demo_lora_run(runs, tmp_path, capsys):
+    code, _, err = _main(["--checkpoint", runs / "demo-lora"], capsys)
+    assert (code, err) == (2, f"error: {runs / 'demo-lora'} holds an adapter for the built-in "
+                              "demo model, whose random weights were never saved: there is no base "
+                              "model to apply it to\n")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(runs / "full" / "config.json", unfinished)
+    shutil.copy(runs / "full" / "metrics.jsonl", unfinished)
+    code, _, err = _main(["--checkpoint", unfinished], capsys)
+    assert (code, err) == (2, f"error: {unfinished} is a training run without a model/ or "
+                              "adapter/ (it holds config.json, metrics.jsonl): it has not "
+                              "finished; continue it with train_sft.py --resume\n")
