@@ -11,14 +11,14 @@ FLOPs per token for MFU (causal attention, recomputation not counted), as in the
     full: 6·N + 6·L·d·s      lora: 4·N + 6·L·d·s   (frozen weights get no weight-gradient)
 with N the parameters of all matmuls (output head included, embedding lookup excluded).
 """
-import argparse
 import json
 import sys
 import time
 
 import torch
 
-from errors import UserError, run_cli
+from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
+                    non_negative_int, positive_int, run_cli)
 from lora import apply_lora, count_parameters, parse_targets
 from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
@@ -57,25 +57,37 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype) -> 
     return model
 
 
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    a = p.add_argument
+    a("--shape", default="llama-3.2-1b", choices=sorted(PRESETS),
+      help="a model shape of model.PRESETS, with random weights")
+    a("--method", default="lora", choices=["lora", "qlora", "full"],
+      help="what is trained: LoRA adapters, LoRA on an NF4 base, or every weight")
+    a("--batch-size", type=positive_int, default=8, help="examples per step")
+    a("--seq-len", type=positive_int,
+      help="tokens per example (default: 2048, or the shape's context if shorter)")
+    a("--steps", type=positive_int, default=10, help="timed steps")
+    a("--warmup", type=non_negative_int, default=3,
+      help="untimed steps first (compilation, allocator)")
+    a("--lora-rank", type=positive_int, default=16, help="LoRA rank r (alpha is 2r)")
+    a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+      help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head; all)")
+    a("--grad-ckpt", action="store_true", help="activation checkpointing")
+    a("--prompt-frac", type=fraction_below_one, default=0.3,
+      help="share of each row masked as prompt (-100)")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--loss-chunk", type=non_negative_int, default=1024,
+      help="positions per output-head chunk (0 = whole batch)")
+    a("--precision", choices=["bf16", "fp16", "fp32"],
+      help="autocast precision (default: bf16 on CUDA, fp32 otherwise)")
+    a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
+    a("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(PRESETS))
-    p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head / all)")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
-    p.add_argument("--prompt-frac", type=float, default=0.3, help="share of each row masked as prompt (-100)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--loss-chunk", type=int, default=1024, help="positions per output-head chunk (0 = whole batch)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
-    a = p.parse_args(argv)
+    a = parse_args(argv)
 
     dist = start_distributed()  # torchrun: FSDP2 data parallel, as in train_sft.py
     if dist:
@@ -83,6 +95,8 @@ def main(argv=None):
     world = dist.world if dist else 1
 
     c = ModelConfig.from_name(a.shape)
+    if a.seq_len is None:  # a shape with a shorter context (tiny: 512) gets all of it
+        a.seq_len = min(2048, c.max_seq_len)
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
     precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
