@@ -145,8 +145,7 @@ def existing_run(out: Path) -> dict | None:
         except ValueError as e:
             if CHECKPOINT in names or METRICS in names:  # our run, with its config.json damaged
                 raise UserError(f"{out / CONFIG} is damaged (not readable JSON: {e}); restore it "
-                                "(the run printed it as its 'config:' line) or choose another --out"
-                                ) from None
+                                "(it holds the run's settings), or choose another --out") from None
             config = None
         if _is_run_config(config):
             return config
@@ -418,7 +417,8 @@ def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     """([(line, row)], numbers of the lines that are not a row): a kill in the middle of an
     append leaves a last line cut short."""
     rows, unreadable = [], []
-    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+    text = path.read_text(errors="replace")  # (a torn line may end inside a character)
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
         try:
             row = json.loads(line)
         except ValueError:
@@ -452,6 +452,8 @@ def plot_losses(out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+        return
+    if not (out / METRICS).exists():
         return
     rows = [row for _, row in read_metrics(out / METRICS)[0]]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
