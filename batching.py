@@ -13,6 +13,7 @@ import torch
 
 from model import IGNORE_INDEX
 
+
 def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: int, packing: bool = False,
                  group_by_length: bool = True, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> list[dict]:
     """One epoch of batches, the same for the same (seed, epoch), so a run resumes by batch index.
@@ -91,3 +92,26 @@ def collate(rows: list[list[tuple]], pad_id: int, packed: bool) -> dict:
 def batch_efficiency(batches: list[dict]) -> float:
     """Share of the batch tensors' positions holding real tokens rather than padding."""
     return sum(int(b["lengths"].sum()) for b in batches) / max(1, sum(b["tokens"].numel() for b in batches))
+
+
+class StepBatches:
+    """The micro-batches of every optimizer step, as a pure function of the step number.
+
+    Micro-batch i of the run is batch i % per_epoch of epoch i // per_epoch, and each epoch's
+    batches are make_batches(..., seed, epoch): the same step always gets the same data, so a run
+    resumed at step k continues exactly where it stopped."""
+
+    def __init__(self, examples: list, batch_size: int, per_step: int, **options):
+        self.examples, self.batch_size, self.per_step, self.options = examples, batch_size, per_step, options
+        self.epoch, self.batches = 0, make_batches(examples, batch_size, epoch=0, **options)
+        self.per_epoch = len(self.batches)
+
+    def for_step(self, step: int) -> list[dict]:
+        first = step * self.per_step
+        return [self.micro_batch(i) for i in range(first, first + self.per_step)]
+
+    def micro_batch(self, i: int) -> dict:
+        epoch, index = divmod(i, self.per_epoch)
+        if epoch != self.epoch:  # a new epoch: its own shuffle (only one epoch is kept in memory)
+            self.epoch, self.batches = epoch, make_batches(self.examples, self.batch_size, epoch=epoch, **self.options)
+        return self.batches[index]

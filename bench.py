@@ -21,8 +21,9 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
                     non_negative_int, positive_int, run_cli)
 from lora import apply_lora, count_parameters, parse_targets
 from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from fused_loss import compile_for_training
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
-from train_sft import autocast_dtype, count_targets, make_optimizer, start_distributed, train_step
+from train_sft import AUTOCAST_DTYPES, TrainConfig, count_targets, make_optimizer, start_distributed, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -100,7 +101,7 @@ def main(argv=None):
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
     precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
-    low = autocast_dtype(precision) or torch.float32
+    low = AUTOCAST_DTYPES[precision] or torch.float32
     model = build(c, a.method, a.device, low)
     if a.method in ("lora", "qlora"):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
@@ -110,7 +111,7 @@ def main(argv=None):
     if dist:
         dist.shard(model)
     if a.compile:
-        model.compile_for_training()
+        compile_for_training(model)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, a.device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -121,11 +122,13 @@ def main(argv=None):
     labels = tokens.clone()
     labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
     batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
-    n_targets = count_targets(batch) * world  # every rank's batch has as many targets
+    n_targets = count_targets(batch)  # per rank: the step's targets / world (Distributed.share)
+
+    config = TrainConfig(device=a.device, precision=precision, grad_clip=1.0, loss_chunk=a.loss_chunk)
 
     def step():
-        return train_step(model, optimizer, [batch], a.device, precision, scaler, grad_clip=1.0, loss_chunk=a.loss_chunk,
-                          n_targets=n_targets, reduce=dist.sum if dist else None, ranks=world)[0]
+        loss = train_step(model, optimizer, [batch], n_targets, config, scaler)[0]
+        return dist.mean(loss) if dist else loss
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)

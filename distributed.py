@@ -6,7 +6,8 @@ Every rank (one process per GPU, or per CPU process with gloo) holds 1/world of 
 gradient and AdamW moment. `fully_shard` on each block makes FSDP gather a block's weights just
 before the block runs and free them right after, and reduce-scatter its gradients in backward.
 The training loop stays the same; it only deals each optimizer step's micro-batches out across
-ranks, counts target tokens over all of them, and sums the logged loss (see train_sft.py).
+ranks (`share`), averages the logged loss over them (`mean`), and at the end rank 0 writes the
+results from an unsharded copy of the model (`gather_model`).
 
 train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set: see
 train_sft.start_distributed, which bench.py uses too).
@@ -42,10 +43,19 @@ class Distributed:
         fully_shard(model)
         register_fsdp_forward_method(model, "loss")  # training calls model.loss, not model(...)
 
-    def sum(self, value: float) -> float:
+    def share(self, micro_batches: list, n_targets: int) -> tuple[list, float]:
+        """This rank's part of an optimizer step (every world-th micro-batch, from its rank on),
+        and what to divide its summed loss by. A single process divides by n_targets, the target
+        tokens of the whole step. FSDP averages the ranks' gradients, so each rank divides by
+        n_targets / world instead: the average of the ranks' Σ loss_r / (n_targets / world) is
+        Σ over all ranks / n_targets, the gradient one process computes over the same batches."""
+        return micro_batches[self.rank::self.world], n_targets / self.world
+
+    def mean(self, value: float) -> float:
+        """The average of a number over the ranks (the logged loss: see share)."""
         t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t)
+        return float(t) / self.world
 
     def training_state(self, model, optimizer) -> tuple[dict, dict]:
         """Trainable weights and AdamW state gathered whole (on rank 0, in CPU memory), keyed by
@@ -56,6 +66,17 @@ class Distributed:
     def load_training_state(self, model, optimizer, model_state: dict, optimizer_state: dict):
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+
+    def gather_model(self, model, optimizer, build):
+        """On rank 0, a plain (unsharded, CPU) copy of the trained model, built by `build()` and
+        given the gathered weights; None on the other ranks. Closes the process group."""
+        trained, _ = self.training_state(model, optimizer)
+        self.close()
+        if not self.is_main:
+            return None
+        copy = build()
+        copy.load_state_dict(trained, strict=False)
+        return copy
 
     def rng_states(self, local: dict) -> list:
         """Every rank's RNG state (dropout differs per rank), gathered so rank 0 can save them."""

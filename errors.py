@@ -102,6 +102,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0, such as a learning rate (float() also accepts "nan" and "inf")."""
+    value = _number(text, float, "a number > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (float() also accepts "nan" and "inf")."""
     value = _number(text, float, "a number >= 0")

@@ -25,12 +25,11 @@ length as a vector m (out,) and the direction with LoRA:
 
     W' = m · (W + s·B A) / ‖W + s·B A‖_row        (the norm is treated as a constant, paper §4.3)
 
-Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py); `export_peft` writes the names
-and row order Hugging Face PEFT expects, `export_hf` a merged transformers checkpoint.
+Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py). export.py writes an adapter in
+Hugging Face PEFT's names and row order, and a merged transformers checkpoint.
 """
 import json
 import math
-import shutil
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, save_safetensors, write_json
+from checkpoint import save_safetensors, write_json
 from errors import UserError
 from quant import NF4Linear, dequantize_model, replace_module
 
@@ -49,7 +48,6 @@ LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o":
 ALL_PROJECTIONS = ["q", "k", "v", "o", "gate", "up", "down"]  # "all": like PEFT's all-linear, head excluded
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size")
 ADAPTER_TENSORS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class LoRALinear(nn.Module):
@@ -225,19 +223,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
-def lora_summary(model: nn.Module) -> str:
-    """One line for the log, e.g. 'LoRA r=16 alpha=32 (scale 2) on q,v: 8,388,608 trainable of ...'."""
-    trainable, total = count_parameters(model)
-    counts = f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
-    layers = lora_layers(model)
-    if not layers:
-        return counts
-    s = lora_settings(model)
-    kind = "DoRA" if s["dora"] else "rsLoRA" if s["rslora"] else "LoRA"
-    scale = next(iter(layers.values())).scale
-    return f"{kind} r={s['r']} alpha={s['alpha']} (scale {scale:g}) on {','.join(s['targets'])}: {counts}"
-
-
 def lora_settings(model: nn.Module) -> dict:
     """The hyperparameters of the model's adapters, read back from its LoRALinear layers."""
     layers = lora_layers(model)
@@ -325,58 +310,4 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
             if p.shape != t.shape:
                 raise UserError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t)
-    return model
-
-
-def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
-    """Write the adapter as Hugging Face PEFT does (adapter_config.json + adapter_model.safetensors),
-    loadable with `peft.PeftModel.from_pretrained(LlamaForCausalLM..., directory)`.
-
-    Our q_proj/k_proj rows are in Meta's RoPE pair order and HF's are permuted (checkpoint.hf_permute):
-    W_hf = P W, so ΔW_hf = P B A, i.e. B's rows (and DoRA's per-row magnitude) get the same
-    permutation while A, whose columns are input features, stays as it is.
-    """
-    settings, c = lora_settings(model), model.config
-    hf_names = {ours: theirs for theirs, ours in name_map("hf", c.n_layers).items()}
-    tensors = {}
-    for name, layer in lora_layers(model).items():
-        key = "base_model.model." + hf_names[name + ".weight"].removesuffix(".weight")
-        lora_B = layer.lora_B.detach()
-        magnitude = layer.magnitude.detach()[:, None] if settings["dora"] else None  # 2-D for hf_permute
-        if name.endswith(("q_proj", "k_proj")):
-            n_heads = c.n_heads if name.endswith("q_proj") else c.n_kv_heads
-            lora_B = hf_permute(lora_B, n_heads, to_hf=True)
-            magnitude = hf_permute(magnitude, n_heads, to_hf=True) if magnitude is not None else None
-        tensors[key + ".lora_A.weight"] = layer.lora_A.detach()
-        tensors[key + ".lora_B.weight"] = lora_B
-        if magnitude is not None:
-            tensors[key + ".lora_magnitude_vector"] = magnitude[:, 0]
-    hf_module = {t: LORA_TARGETS[t].rpartition(".")[2] for t in LORA_TARGETS}  # 'q' -> 'q_proj', 'head' -> 'lm_head'
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["r"], "lora_alpha": settings["alpha"],
-              "lora_dropout": settings["dropout"], "target_modules": [hf_module[t] for t in settings["targets"]],
-              "use_rslora": settings["rslora"], "use_dora": settings["dora"], "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-              "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
-    directory = Path(directory)
-    save_safetensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    write_json(directory / "adapter_config.json", config)
-
-
-def export_hf(model: nn.Module, directory, tokenizer_dir=None, dtype: torch.dtype | None = None):
-    """Merge the adapters and write a Hugging Face LlamaForCausalLM directory, plus the tokenizer
-    files (tokenizer.model, tokenizer.json, ...) that exist in `tokenizer_dir` (or that one file).
-
-    This MUTATES `model`: its LoRA layers are merged and removed (see merge_lora). A model
-    without LoRA layers (full fine-tuning) is written as it is.
-    """
-    tokenizer_files = []
-    if tokenizer_dir is not None:  # checked before anything is merged or written
-        source = Path(tokenizer_dir)
-        if not source.exists():
-            raise UserError(f"tokenizer directory not found: {source}")
-        tokenizer_files = [source] if source.is_file() else [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-    merge_lora(model)
-    save_hf_checkpoint(model, directory, dtype=dtype)
-    for f in tokenizer_files:
-        atomic_write(Path(directory) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
     return model

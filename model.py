@@ -273,16 +273,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
-        self.loss_and_grad = loss_and_grad  # compile_for_training swaps in a compiled copy
-
-    def compile_for_training(self):
-        """torch.compile each block (one graph, reused by every layer, so it compiles quickly) and the
-        chunk loss, where compilation fuses the float32 upcast, log-softmax and its gradient into
-        two passes over the logits instead of one kernel (and one tensor) per step."""
-        for block in self.layers:
-            # the block's forward only: hooks around it (FSDP's gathers under torchrun) stay outside
-            block.forward = torch.compile(block.forward)
-        self.loss_and_grad = torch.compile(loss_and_grad)
+        self.compiled = False  # fused_loss.compile_for_training sets it (--compile)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random weights for models built without a checkpoint (tests, the demo, bench.py)."""
@@ -334,67 +325,15 @@ class Transformer(nn.Module):
         mean: the training loop divides by the number of target tokens of the whole accumulated
         batch (see train_sft.py).
 
-        chunk_size > 0 goes through `LinearCrossEntropy`, which never holds the (batch·seq × vocab)
-        logits at once: for a 128k vocabulary at batch 8 × 2048, their float32 copy alone is 8 GiB.
-        (An output head with a LoRA adapter takes the plain path.)
+        chunk_size > 0 computes the same value without ever holding the (batch·seq × vocab)
+        logits: fused_loss.py, what --loss-chunk uses. (An output head with a LoRA adapter
+        takes the plain path.)
         """
         h = self.hidden_states(tokens, positions, doc_ids)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
-        if chunk_size <= 0 or type(self.lm_head) is not nn.Linear:
-            logits = self.lm_head(h).float()
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        need_grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
-        return LinearCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk_size,
-                                        need_grad, self.loss_and_grad)
-
-
-def loss_and_grad(logits, targets):
-    """For one chunk: Σ cross-entropy, and its gradient w.r.t. the logits, softmax − onehot
-    (zero on ignored positions). Plain elementwise work: compile_for_training fuses it into
-    two passes over the logits."""
-    logits = logits.float()
-    valid = (targets != IGNORE_INDEX)[:, None]
-    safe = targets.clamp(min=0)[:, None]
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    loss = ((lse - logits.gather(1, safe)) * valid).sum()
-    grad = (logits - lse).exp().scatter_add(1, safe, -torch.ones_like(lse)) * valid
-    return loss, grad
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Σ cross-entropy(h·Wᵀ, targets), a chunk of positions at a time, gradients included.
-
-    The loss is the last operation of the network, so its gradient is known the moment the
-    logits are: d loss/d logits = softmax − onehot. For each chunk we compute the logits, the
-    loss, that gradient, and pass it straight on through the head (grad_h = g·W, grad_W += gᵀ·h);
-    then the chunk's logits are dropped. Backward only scales the stored gradients: no logits are
-    kept for it and none are recomputed (what torch.utils.checkpoint would do).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, need_grad, loss_and_grad):
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        w = weight.to(dtype)  # under autocast: the bf16 copy of the head, made once
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(device, enabled=False):
-            for i in range(0, h.shape[0], chunk_size):
-                hc = h[i:i + chunk_size].to(dtype)
-                loss, g = loss_and_grad(hc @ w.t(), targets[i:i + chunk_size])
-                total += loss
-                if grad_h is not None:
-                    g = g.to(dtype)
-                    grad_h[i:i + chunk_size] = g @ w
-                    if grad_w is not None:
-                        grad_w += g.t() @ hc
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-        return grad_h * grad_total.to(grad_h.dtype), grad_w, None, None, None, None
+        if chunk_size > 0 and type(self.lm_head) is nn.Linear:
+            from fused_loss import chunked_cross_entropy  # (beside the model: the fast path)
+            return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk_size, self.compiled)
+        logits = self.lm_head(h).float()  # (batch, seq, vocab), in float32 for an exact softmax
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")

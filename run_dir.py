@@ -46,15 +46,18 @@ OLD_RUN_KEYS = {"out", "data", "method", "seed", "lr", "batch_size", "resume"}
 RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
                      "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
-                     "grad_accum", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps",
-                     "grad_clip", "seed", "precision", "loss_chunk", "packing", "world_size")
+                     "grad_accum", "lr", "weight_decay", "warmup_steps", "grad_clip", "seed",
+                     "precision", "loss_chunk", "packing", "world_size")
 # Settings that may change on --resume: they decide what is shown or saved, where, or how fast.
 # --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
+# --epochs and --max-steps may grow (or shrink) a run: "train it longer" resumes where it stopped,
+# with the cosine schedule stretched to the new length (said in a note: see check_resume).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile")
+                     "device", "grad_ckpt", "compile", "epochs", "max_steps")
+RUN_LENGTH = ("epochs", "max_steps")
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
 # Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".
 OLD_NAMES = {"lora_rslora": "rslora", "lora_dora": "dora"}
@@ -277,6 +280,11 @@ def check_resume(out: Path, old: dict, settings: dict, inputs: dict):
     path = out / CHECKPOINT
     if not zipfile.is_zipfile(path):  # torch.save writes a zip: a quick look before the model loads
         raise UserError(damaged(path, "not a zip archive: truncated or overwritten"))
+    longer = [f"--{key.replace('_', '-')} {old.get(key)} → {settings.get(key)}" for key in RUN_LENGTH
+              if key in old and old[key] != settings.get(key)]
+    if longer:
+        print(f"note: --resume with {', '.join(longer)}: the learning rate's cosine now ends at the "
+              "new length")
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:

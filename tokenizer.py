@@ -120,6 +120,8 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     checkpoint = Path(checkpoint)
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
+    if not checkpoint.exists():
+        raise UserError(f"checkpoint not found: {checkpoint}")
     if checkpoint.is_file() and _is_gguf(checkpoint):
         from bpe import gguf_tokenizer
         embedded = gguf_tokenizer(checkpoint, required=False)

@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from checkpoint import load_checkpoint, save_hf_checkpoint
 from errors import UserError
-from lora import (LoRALinear, apply_lora, count_parameters, export_hf, export_peft, load_adapter,
-                  lora_layers, lora_state_dict, lora_summary, merge_lora, parse_targets, save_adapter)
+from export import export_hf, export_peft
+from lora import (LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers, lora_settings,
+                  lora_state_dict, merge_lora, parse_targets, save_adapter)
 from model import ModelConfig, Transformer
 
 TINY = ModelConfig.from_name("tiny")  # dim 64, 4 heads, 2 kv heads, untied
@@ -102,7 +103,8 @@ def test_only_lora_trains():
     trainable, total = count_parameters(model)
     assert trainable == config.n_layers * per_layer + r * (d + config.vocab_size)
     assert total == sum(p.numel() for p in base_model(config).parameters()) + trainable
-    assert "LoRA r=4 alpha=8 (scale 2) on q,v,down,head" in lora_summary(model)
+    assert lora_settings(model) == {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v", "down", "head"],
+                                    "rslora": False, "dora": False}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
 
     tokens = tokens_for(config)

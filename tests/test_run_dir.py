@@ -399,9 +399,10 @@ def test_every_setting_is_either_compared_or_free_on_resume():
     must, free = set(run_dir.RESUME_MUST_MATCH), set(run_dir.RESUME_MAY_DIFFER)
     assert not must & free
     assert settings == must | free, f"classify: {sorted(settings ^ (must | free))}"
-    assert {"lr", "precision", "weight_decay", "warmup_steps", "epochs", "max_steps", "grad_clip",
+    assert {"lr", "precision", "weight_decay", "warmup_steps", "grad_clip",
             "loss_chunk", "lora_r", "lora_rslora", "lora_dora", "seq_len", "packing", "seed",
             "data", "val_data", "checkpoint", "world_size"} <= must
+    assert {"epochs", "max_steps"} <= free  # "train it longer" (with a note: see the test below)
 
 
 def test_resume_accepts_the_same_data_by_another_path(saved_run, train, tmp_path, monkeypatch,
@@ -490,3 +491,14 @@ def test_a_second_run_into_the_same_out_is_refused(train, tmp_path, capsys):
         holder.wait()
     code, _, err = cli(demo_argv(train, out), capsys)  # the OS let go of the killed process's lock
     assert code == 0, err
+
+
+def test_resume_may_train_longer_and_says_so(saved_run, capsys):
+    """--max-steps (or --epochs) may change on --resume: the run goes on from its checkpoint, and
+    a note says that the schedule now ends at the new length."""
+    out, argv = saved_run
+    code, stdout, err = cli(argv + ["--max-steps", "6", "--resume"], capsys)
+    assert code == 0, err
+    assert "note: --resume with --max-steps 4 → 6: the learning rate's cosine now ends at the new length" in stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

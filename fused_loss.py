@@ -1,0 +1,99 @@
+"""The fast paths beside the model: what --loss-chunk and --compile do.
+
+The model's own loss (model.Transformer.loss) computes the logits of every position, (batch·seq ×
+vocab) numbers, then their cross-entropy. For a 128k vocabulary at batch 8 × 2048 the float32
+logits alone are 8 GiB, and autograd keeps them (and their gradient) for the backward pass.
+`chunked_cross_entropy` gives the same sum and the same gradients, a chunk of positions at a time,
+and never keeps a chunk's logits. `compile_for_training` hands the blocks and the chunk loss to
+torch.compile, which fuses their elementwise work into fewer kernels.
+"""
+import functools
+
+import torch
+
+from model import IGNORE_INDEX
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_size: int, compiled: bool = False):
+    """Σ cross-entropy(h · weightᵀ, targets) over (batch, seq) positions, chunk_size at a time."""
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    step = compiled_loss_and_grad() if compiled else loss_and_grad
+    return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunk_size, need_grad, step)
+
+
+def loss_and_grad(logits, targets):
+    """For one chunk: Σ cross-entropy, and its gradient w.r.t. the logits, softmax − onehot
+    (zero on ignored positions). Plain elementwise work: compile_for_training fuses it into
+    two passes over the logits."""
+    logits = logits.float()
+    valid = (targets != IGNORE_INDEX)[:, None]
+    safe = targets.clamp(min=0)[:, None]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    loss = ((lse - logits.gather(1, safe)) * valid).sum()
+    grad = (logits - lse).exp().scatter_add(1, safe, -torch.ones_like(lse)) * valid
+    return loss, grad
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(h·Wᵀ, targets), a chunk of positions at a time, gradients included.
+
+    The loss is the last operation of the network, so its gradient is known the moment the
+    logits are: d loss/d logits = softmax − onehot. For each chunk we compute the logits, the
+    loss, that gradient, and pass it straight on through the head (grad_h = g·W, grad_W += gᵀ·h);
+    then the chunk's logits are dropped. Backward only scales the stored gradients: no logits are
+    kept for it and none are recomputed (what torch.utils.checkpoint would do).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, need_grad, loss_and_grad):
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        w = weight.to(dtype)  # under autocast: the bf16 copy of the head, made once
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(device, enabled=False):
+            for i in range(0, h.shape[0], chunk_size):
+                hc = h[i:i + chunk_size].to(dtype)
+                loss, g = loss_and_grad(hc @ w.t(), targets[i:i + chunk_size])
+                total += loss
+                if grad_h is not None:
+                    g = g.to(dtype)
+                    grad_h[i:i + chunk_size] = g @ w
+                    if grad_w is not None:
+                        grad_w += g.t() @ hc
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h * grad_total.to(grad_h.dtype), grad_w, None, None, None, None
+
+
+@functools.cache
+def compiled_loss_and_grad():
+    """loss_and_grad compiled once: the float32 upcast, log-softmax and gradient fused into two
+    passes over the chunk's logits, instead of one kernel (and one tensor) per operation."""
+    return torch.compile(loss_and_grad)
+
+
+def compile_for_training(model):
+    """torch.compile each block's forward for training (one graph, reused by every layer, so it
+    compiles quickly) and the chunk loss. Hooks around a block (FSDP's gathers under torchrun)
+    stay outside the compiled graph. Generation with a KV cache runs the blocks eagerly: each
+    layer writes its own slice of the cache, which would make the compiled block recompile for
+    every layer (and flood the log with recompile warnings) just to print a sample."""
+    for block in model.layers:
+        block.forward = training_only(torch.compile(block.forward), block.forward)
+    model.compiled = True
+    if torch.cuda.is_available():  # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
+        torch.set_float32_matmul_precision("high")
+
+
+def training_only(compiled, eager):
+    def forward(x, cos, sin, mask=None, cache=None):
+        return eager(x, cos, sin, mask, cache) if cache is not None else compiled(x, cos, sin, mask)
+    return forward
