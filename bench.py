@@ -20,10 +20,10 @@ import torch
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_int, positive_int, run_cli)
 from lora import apply_lora, count_parameters, parse_targets
-from model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from fused_loss import compile_for_training
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
-from train_sft import AUTOCAST_DTYPES, TrainConfig, count_targets, make_optimizer, start_distributed, train_step
+from train_sft import TrainConfig, count_targets, make_optimizer, start_distributed, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -100,8 +100,8 @@ def main(argv=None):
         a.seq_len = min(2048, c.max_seq_len)
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
-    precision = a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")
-    low = AUTOCAST_DTYPES[precision] or torch.float32
+    precision = a.precision or default_precision(a.device)
+    low = PRECISIONS[precision]
     model = build(c, a.method, a.device, low)
     if a.method in ("lora", "qlora"):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))

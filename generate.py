@@ -12,9 +12,10 @@ from typing import Iterator
 
 import torch
 
+from data import TEMPLATES, encode_prompt, get_template
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
                     non_negative_float, positive_int, run_cli)
-from model import KVCache, Transformer
+from model import PRECISIONS, KVCache, Transformer, default_precision
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -61,7 +62,8 @@ def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_token
         for _ in range(max_new_tokens):
             if cache.length + tokens.shape[1] > max_len:
                 return  # context full
-            logits = model(tokens, cache=cache)[0, -1]
+            # (a model may have spare embedding rows past the tokenizer's last id: never pick them)
+            logits = model(tokens, cache=cache)[0, -1, :tokenizer.vocab_size]
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if next_id in tokenizer.stop_ids:
                 return
@@ -80,10 +82,10 @@ def parse_args(argv=None):
     a("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
     a("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of "
       "--checkpoint (default: none)")
-    a("--prompt", default="", help="text to continue, encoded with BOS first (default: empty, the "
-      "model starts from BOS alone)")
-    a("--template", default="none", help="wrap --prompt as an instruction with this template "
-      "(alpaca, llama2-chat, llama3-chat, ...; none = raw text)")
+    a("--prompt", default="", help="text to continue, after BOS if the tokenizer uses one "
+      "(default: empty, the model starts from BOS alone)")
+    a("--template", default="none", choices=list(TEMPLATES),
+      help="wrap --prompt as an instruction with this template (none: raw text)")
     a("--max-new-tokens", type=positive_int, default=256, help="stop after this many new tokens")
     a("--temperature", type=non_negative_float, default=0.8,
       help="divide the logits by this before sampling; 0 = greedy")
@@ -139,21 +141,20 @@ def resolve_run_dir(args):
 def main(argv=None):
     args = parse_args(argv)
     from checkpoint import load_checkpoint
-    from tokenizer import ByteTokenizer, checkpoint_tokenizer
+    from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
     checkpoint, adapter, tokenizer = resolve_run_dir(args)
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    model, _ = load_checkpoint(checkpoint, device=args.device, dtype=dtype)
+    precision = args.precision or default_precision(args.device)
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
+    model, _ = load_checkpoint(checkpoint, device=args.device, dtype=PRECISIONS[precision])
+    check_vocabulary(tokenizer, model.config.vocab_size)
     if adapter:
         from lora import load_adapter
         load_adapter(model, adapter)
-    if args.template != "none":
-        from data import encode_prompt, get_template
-        prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))
-    else:
-        prompt_ids = tokenizer.encode(args.prompt, bos=True)
+    prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))
+    if not prompt_ids:
+        raise UserError(f"the prompt is empty and tokenizer {tokenizer.path.name} starts no text "
+                        "with BOS: give a --prompt")
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     stream = sys.stdout.isatty()

@@ -23,6 +23,14 @@ from torch.utils.checkpoint import checkpoint
 from errors import UserError
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding tokens); PyTorch's default
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
+
+
+def default_precision(device: str) -> str:
+    """bf16 on GPUs that have it (same range as float32, half the bytes), else fp16; fp32 on a CPU."""
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 @dataclass

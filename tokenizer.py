@@ -130,6 +130,20 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     return Tokenizer.from_file(checkpoint if checkpoint.is_dir() else checkpoint.parent)
 
 
+def check_vocabulary(tokenizer, model_vocab: int):
+    """Every id the tokenizer can produce must have a row in the model, and the model must not have
+    far more rows than the tokenizer has tokens: then the two belong to different models. (A few
+    spare rows are normal: some models pad their embedding to a multiple of 64 or 128.)"""
+    name = tokenizer.path.name
+    if tokenizer.vocab_size > model_vocab:
+        raise UserError(f"tokenizer {name} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model_vocab}: they belong to different models (pass the right --tokenizer)")
+    if model_vocab - tokenizer.vocab_size > 1024:
+        raise UserError(f"the model has {model_vocab} token embeddings but tokenizer {name} only "
+                        f"{tokenizer.vocab_size} tokens: they belong to different models "
+                        "(pass the right --tokenizer)")
+
+
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"

@@ -33,9 +33,9 @@ from errors import (ArgumentParser, UserError, device_name, fraction_below_one, 
 from fused_loss import compile_for_training
 from generate import generate
 from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
-from model import IGNORE_INDEX, ModelConfig, Transformer
+from model import IGNORE_INDEX, PRECISIONS, ModelConfig, Transformer, default_precision
 from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
-from tokenizer import ByteTokenizer, checkpoint_tokenizer
+from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
@@ -97,7 +97,6 @@ DEMO = dict(data=str(DEMO_DATA.relative_to(ROOT)), method="full", lr=2e-3, epoch
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100)
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # fp32: no autocast
 
 
 def main(argv=None):
@@ -140,6 +139,9 @@ def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prom
     """The loop: one optimizer step per iteration, a checkpoint and an evaluation every so often."""
     total = batches.total_steps
     template = data.get_template(config.template)
+    if val_batches and step == 0:  # where training starts from, to compare the evaluations with
+        val_loss = evaluate(model, val_batches, config.device, config.precision, config.loss_chunk)
+        log.evaluation(0, val_loss, show_sample(model, tokenizer, template, sample_prompt), out)
     log.start(total, step)
     model.train()
     try:
@@ -167,9 +169,7 @@ def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prom
                 save_state(out, model, optimizer, scaler, step, dist)
             if val_batches and (step % config.eval_every == 0 or step == total):
                 val_loss = evaluate(model, val_batches, config.device, config.precision, config.loss_chunk)
-                sample = show_sample(model, tokenizer, template, sample_prompt)
-                log.evaluation({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
-                               sample, out)
+                log.evaluation(step, val_loss, show_sample(model, tokenizer, template, sample_prompt), out)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (stop_on_sigterm): save, say how to go on
         log.close()
         save_state(out, model, optimizer, scaler, step, dist)
@@ -206,8 +206,9 @@ def batch_loss(model, batch, device, precision, loss_chunk=0):
     `precision`. Only the model's inputs go to the device: "lengths" is for the log."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "positions", "doc_ids")
               if batch.get(k) is not None}
-    dtype = AUTOCAST_DTYPES[precision]
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=PRECISIONS[precision],
+                              enabled=precision != "fp32")  # fp32: no autocast, all in float32
+    with autocast:
         return model.loss(inputs["tokens"], inputs["labels"], inputs.get("positions"), inputs.get("doc_ids"),
                           chunk_size=loss_chunk)
 
@@ -252,8 +253,7 @@ def build_model(config: TrainConfig, log):
     """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
     in NF4 (a quarter of that); trainable weights (LoRA matrices, or everything for full
     fine-tuning) stay float32."""
-    low = AUTOCAST_DTYPES[config.precision]
-    base_dtype = torch.float32 if config.method == "full" or low is None else low
+    base_dtype = torch.float32 if config.method == "full" else PRECISIONS[config.precision]
     if config.checkpoint is None:
         tokenizer = ByteTokenizer()
         torch.manual_seed(config.seed)
@@ -277,20 +277,6 @@ def build_model(config: TrainConfig, log):
     log.say(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({100 * trainable / total:.2f}%) [{config.method}]")
     return model, tokenizer
-
-
-def check_vocabulary(tokenizer, model_vocab: int):
-    """Every id the tokenizer can produce must have a row in the model, and the model must not have
-    far more rows than the tokenizer has tokens: then the two belong to different models. (A few
-    spare rows are normal: some models pad their embedding to a multiple of 64 or 128.)"""
-    name = tokenizer.path.name
-    if tokenizer.vocab_size > model_vocab:
-        raise UserError(f"tokenizer {name} has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model_vocab}: they belong to different models (pass the right --tokenizer)")
-    if model_vocab - tokenizer.vocab_size > 1024:
-        raise UserError(f"the model has {model_vocab} token embeddings but tokenizer {name} only "
-                        f"{tokenizer.vocab_size} tokens: they belong to different models "
-                        "(pass the right --tokenizer)")
 
 
 def load_data(config: TrainConfig, tokenizer, model, log):
@@ -414,7 +400,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--sample-prompt", help="instruction answered at each evaluation (default: the first "
       "validation record)")
     a("--seed", type=int, default=d.seed, help="seed for adapter init, data order and dropout")
-    a("--precision", choices=list(AUTOCAST_DTYPES),
+    a("--precision", choices=list(PRECISIONS),
       help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
@@ -441,12 +427,6 @@ def parse_args(argv=None) -> TrainConfig:
         raise UserError("--precision fp16 needs a GPU (its loss scaling is CUDA's); use bf16 or fp32")
     parse_targets(config.lora.targets)
     return config
-
-
-def default_precision(device: str) -> str:
-    if not device.startswith("cuda"):
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def start_distributed():
@@ -505,10 +485,11 @@ class Log:
         elif row["step"] % self.every == 0 or row["step"] == self.total:
             self.say(f"step {row['step']}/{self.total}: {text}")
 
-    def evaluation(self, row: dict, sample: str, out: Path):
+    def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
         if self.speaks:
-            log_metrics(out, row)
-            text = f"step {row['step']}: val loss {row['val_loss']:.4f} (perplexity {row['val_ppl']:.2f})"
+            perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among that many
+            log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
+            text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
             self.write(f"{text}\n  sample: {sample!r}")
 
     def write(self, text: str):

@@ -52,6 +52,19 @@ def smollm2_path() -> Path:
         pytest.fail(str(e))
 
 
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """SmolLM2's own tokenizer: byte-level BPE, read from the GGUF file (bpe.py)."""
+    return Tokenizer.from_file(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_path):
+    """SmolLM2-135M-Instruct in float32, read by our loader (each Q4_1 block dequantised)."""
+    from checkpoint import load_checkpoint
+    return load_checkpoint(smollm2_path)[0].eval()
+
+
 # The real tokenizers of ../shared, shared by the tokenizer and data tests.
 
 @pytest.fixture(scope="module")

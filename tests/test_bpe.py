@@ -51,11 +51,6 @@ def alpaca_texts(limit=None) -> list:
     return texts
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return Tokenizer.from_file(smollm2_path)
-
-
 def digits_first_pre_tokenizer():
     """The pre-tokenizer of SmolLM2's own tokenizer.json on the Hugging Face hub, and what
     llama.cpp's "smollm" pre-type does: every digit split off first, then GPT-2's regex."""

@@ -1,5 +1,6 @@
 """data.py: records, templates, the loss mask, batches. Real tokenizers and data from ../shared."""
 import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, shared_path
 from batching import batch_efficiency, make_batches
-from data import (PROMPT_DICT, TEMPLATES, encode_dataset, encode_example, encode_prompt,
+from data import (PROMPT_DICT, TEMPLATES, default_system_prompt, encode_dataset, encode_example, encode_prompt,
                   format_example, get_template, load_records, main, percentile, split_train_val)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
@@ -178,6 +179,65 @@ def test_llama2_chat_system_message_as_meta_writes_it(llama2, system):
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
     assert encode_example({"messages": messages}, llama2, TEMPLATES["llama2-chat"], 512)[0] == reference
+
+
+# ── ChatML: SmolLM2's own chat template ─────────────────────────────────────────────────────────
+
+def render_and_encode(tokenizer, messages, add_generation_prompt):
+    """The model's chat_template rendered with jinja2, then tokenized as Hugging Face does it:
+    the special tokens' text split out first and given their ids, the text between encoded."""
+    import jinja2
+    text = jinja2.Template(tokenizer.chat_template).render(messages=messages,
+                                                           add_generation_prompt=add_generation_prompt)
+    specials = "|".join(re.escape(token) for token in tokenizer.special)
+    ids = []
+    for part in re.split(f"({specials})", text):
+        ids += [tokenizer.special[part]] if part in tokenizer.special else tokenizer.encode(part)
+    return ids
+
+
+def as_messages(record):
+    """A normalised record as chat messages, the way encode_example reads it (input joins the
+    instruction after a blank line)."""
+    messages = [] if record["system"] is None else [{"role": "system", "content": record["system"]}]
+    for turn in record["turns"]:
+        user = turn["instruction"] + (f"\n\n{turn['input']}" if turn["input"] else "")
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn["output"]}]
+    return messages
+
+
+def test_chatml_equals_smollm2s_chat_template(smollm2):
+    """Every Alpaca record (no system message: the template's default system prompt), explicit
+    empty and given system messages, and multi-turn LIMA records: the whole conversation and the
+    generation prompt, token for token."""
+    chatml = TEMPLATES["chatml"]
+    records = load_records(shared_path("data", "alpaca_data_1k.json"))
+    lima = [r for r in load_records(shared_path("data", "llamafactory_lima.json")) if len(r["turns"]) > 1]
+    records += [{**records[0], "system": ""}, {**records[1], "system": "Answer like a pirate."}] + lima[:5]
+    for record in records:
+        messages = as_messages(record)
+        ids, labels = encode_example(record, smollm2, chatml, 100_000)
+        assert ids == render_and_encode(smollm2, messages, add_generation_prompt=False)
+        assert encode_prompt(record, smollm2, chatml) == render_and_encode(smollm2, messages[:-1],
+                                                                           add_generation_prompt=True)
+        targets = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert smollm2.decode(targets) == "<|im_end|>".join(t["output"] for t in record["turns"]) + "<|im_end|>"
+    assert default_system_prompt(smollm2) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    no_system, empty = encode_prompt("Hi", smollm2, chatml), encode_prompt({**records[0], "system": ""}, smollm2, chatml)
+    assert smollm2.decode(no_system).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert smollm2.decode(empty).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    assert no_system[0] == smollm2.special_id("<|im_start|>")  # no BOS: the template writes none
+
+
+def test_default_system_prompt_of_other_chatml_templates():
+    """Qwen2.5 writes its default inside a jinja string with an escaped newline."""
+    class Tok:
+        chat_template = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + "
+                         "messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n"
+                         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}")
+    assert default_system_prompt(Tok()) == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    Tok.chat_template = None
+    assert default_system_prompt(Tok()) is None
 
 
 def test_llama2_chat_matches_meta_reference(llama2):

@@ -24,6 +24,19 @@ STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 39
 STORY = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red "
          "ball. She wanted to play with it, but it was too high.\nLily's mom said, \"Lily, let's go to the park.\" "
          "Lily was sad and didn't know what to do.")
+# SmolLM2-135M-Instruct (Q4_1 GGUF) answering with --template chatml, greedy, float32: the text
+# transformers 5.24 printed for the same file and prompt (AutoModelForCausalLM.from_pretrained(...,
+# gguf_file=..., dtype=float32).generate(apply_chat_template(...), do_sample=False, max_new_tokens=64)),
+# up to <|im_end|>. Ours must print exactly this.
+SMOLLM2_GREEDY = {
+    "What is the capital of France?": "The capital of France is Paris.",
+    "Write a haiku about the sea.": ("The waves of the sea, a silent beauty,\nA gentle lapping of the shore,\n"
+                                     "A reminder of the beauty that lies beneath,\nA reminder of the ocean's power."),
+    "Give three tips for staying healthy.": (
+        "1. Stay hydrated: Drink plenty of water, and avoid sugary drinks.\n2. Eat a balanced diet: A balanced "
+        "diet provides the body with the right amount of nutrients to function optimally.\n3. Get enough sleep: "
+        "Aim for 7-8 hours of sleep each night to support your body's natural healing"),
+}
 
 
 # ---------------------------------------------------------------- sample_next
@@ -116,6 +129,14 @@ def test_generate_stops_and_limits(stories):
     assert len(sampled) <= 20 and all(0 <= i < 512 for i in sampled)
 
 
+@pytest.mark.parametrize("prompt", list(SMOLLM2_GREEDY))
+def test_smollm2_greedy_answers_as_transformers_does(prompt, smollm2, smollm2_model):
+    from data import encode_prompt, get_template
+    ids = encode_prompt(prompt, smollm2, get_template("chatml"))
+    answer = smollm2.decode(list(generate(smollm2_model, smollm2, ids, max_new_tokens=64, temperature=0.0)))
+    assert answer == SMOLLM2_GREEDY[prompt]
+
+
 def test_generate_context_limits():
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64, vocab_size=16,
                                     max_seq_len=8))
@@ -123,6 +144,7 @@ def test_generate_context_limits():
 
     class Tok:
         stop_ids = set()
+        vocab_size = 16
 
     # context 8: the last token is predicted at position 7 from a full cache, so 3 + 6 tokens come out
     assert len(list(generate(model, Tok(), [1, 2, 3], max_new_tokens=100, temperature=0.0))) == 6
@@ -143,6 +165,15 @@ def test_cli_greedy_story():
     assert r.stdout.startswith(STORY), r.stdout
     assert "prompt" not in r.stdout and "Traceback" not in r.stderr
     assert re.fullmatch(r"\[5 prompt \+ \d+ generated tokens\]\n", r.stderr), r.stderr
+
+
+def test_cli_smollm2_chat(smollm2_path):
+    """The README's first real command: the answer on stdout, exactly transformers' greedy text."""
+    proc = _cli("--checkpoint", str(smollm2_path), "--template", "chatml", "--prompt",
+                "What is the capital of France?", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "The capital of France is Paris.\n"
+    assert proc.stderr.endswith("[37 prompt + 7 generated tokens]\n")
 
 
 def test_cli_error_is_one_line():

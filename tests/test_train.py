@@ -215,7 +215,7 @@ def test_lora_resume_is_exact_on_stories260k(tmp_path, monkeypatch):
     assert all(v.abs().max() > 0 for k, v in a["model"].items() if k.endswith("lora_B"))  # B moved from its 0 init
     assert (straight / "adapter" / "adapter.safetensors").read_bytes() == (resumed / "adapter" / "adapter.safetensors").read_bytes()
     assert train_losses(straight) == train_losses(resumed)  # steps 4-6 of the resumed run: the same losses
-    assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [0, 3, 6]  # 0: before training
 
 
 def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo_data):
@@ -235,7 +235,7 @@ def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo
     # step 4 ran twice (before the crash, and after resuming from step 3) but is logged once
     assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(resumed)] == \
            [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(straight)]
-    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 3, 4, 5, 6, 6]  # training rows; validation at 3 and 6
+    assert [r["step"] for r in metrics(resumed)] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # validation at 0, 3 and 6
 
 
 # ---------------------------------------------------------------- 4. atomic checkpoints
@@ -503,3 +503,29 @@ def test_lora_merge_end_to_end(tmp_path, monkeypatch):
     assert torch.allclose(adapted, at_end["logits"], atol=1e-5)
     assert torch.allclose(merged, at_end["logits"], atol=1e-4)
     assert torch.allclose(hf, merged, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 10. the real SmolLM2, end to end
+
+def test_smollm2_lora_sft_and_hf_export(tmp_path, smollm2_path, smollm2):
+    """LoRA SFT of the real SmolLM2-135M-Instruct (Q4_1 GGUF, byte-level BPE, ChatML) for a few
+    steps, then --merge: out/hf loads in transformers, weights and tokenizer (with the chat
+    template), and gives our merged model's logits."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    run(["--checkpoint", smollm2_path, "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+         "--template", "chatml", "--out", out, "--seq-len", 96, "--batch-size", 2, "--grad-accum", 1,
+         "--val-split", 0.1, "--max-steps", 3, "--warmup-steps", 1, "--lr", 1e-3, "--merge"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3]  # before training, and after
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # held-out answers became more likely
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
+    ids = data.encode_prompt(messages[0]["content"], smollm2, data.get_template("chatml"))
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False) == ids
+    merged, _ = load_checkpoint(out / "model")
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf_model(tokens).logits - merged.eval()(tokens)).abs().max() <= 1e-4
