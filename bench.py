@@ -33,11 +33,14 @@ def matmul_params(c: ModelConfig) -> int:
     return c.n_layers * (attn + 3 * c.dim * c.ffn_hidden) + c.dim * c.vocab_size
 
 
-def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype) -> Transformer:
+def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype,
+          pure_bf16: bool = False) -> Transformer:
     """A random model straight on the device: frozen base weights in `base_dtype` (LoRA), in NF4
-    (QLoRA), or float32 master weights (full fine-tuning), as train_sft.py keeps them."""
+    (QLoRA), or float32 master weights (full fine-tuning; bf16 with pure_bf16), as train_sft.py
+    keeps them."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if method == "full" else base_dtype)
+    full_dtype = torch.bfloat16 if pure_bf16 else torch.float32
+    torch.set_default_dtype(full_dtype if method == "full" else base_dtype)
     try:  # QLoRA starts on the meta device: a 16-bit 70B model would not fit on the GPU
         with torch.device("meta" if method == "qlora" else device):
             model = Transformer(c)
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
       help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head; all)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing")
+    a("--pure-bf16", action="store_true",
+      help="full fine-tuning with bf16 weights and AdamW state, no float32 master copy")
     a("--prompt-frac", type=fraction_below_one, default=0.3,
       help="share of each row masked as prompt (-100)")
     a("--compile", action="store_true", help="torch.compile each transformer block")
@@ -102,7 +107,7 @@ def main(argv=None):
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
     precision = a.precision or default_precision(a.device)
     low = PRECISIONS[precision]
-    model = build(c, a.method, a.device, low)
+    model = build(c, a.method, a.device, low, a.pure_bf16)
     if a.method in ("lora", "qlora"):
         targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
         apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)

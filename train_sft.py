@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 42
     precision: str | None = None   # None: bf16 on GPUs that have it, else fp16; fp32 on CPU
     grad_ckpt: bool = False
+    pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     compile: bool = False
     loss_chunk: int = 1024
     packing: bool = False
@@ -253,12 +254,16 @@ def build_model(config: TrainConfig, log):
     """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
     in NF4 (a quarter of that); trainable weights (LoRA matrices, or everything for full
     fine-tuning) stay float32."""
-    base_dtype = torch.float32 if config.method == "full" else PRECISIONS[config.precision]
+    if config.method == "full":  # the trained weights: float32 master weights, or bf16 throughout
+        base_dtype = torch.bfloat16 if config.pure_bf16 else torch.float32
+    else:  # the frozen base: in the compute precision (QLoRA: NF4, computing in that precision)
+        base_dtype = PRECISIONS[config.precision]
     if config.checkpoint is None:
         tokenizer = ByteTokenizer()
         torch.manual_seed(config.seed)
         model = Transformer(DEMO_CONFIG).to(config.device)
-        model.init_weights()
+        model.init_weights()  # (in float32, then rounded once to the weights' dtype)
+        model.to(base_dtype)
         if config.method == "qlora":
             from quant import quantize_model
             quantize_model(model, compute_dtype=base_dtype)
@@ -403,6 +408,9 @@ def parse_args(argv=None) -> TrainConfig:
     a("--precision", choices=list(PRECISIONS),
       help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
+    a("--pure-bf16", action="store_true", help="full fine-tuning in bf16 throughout (weights, "
+      "gradients, AdamW state), as Hugging Face's default does: half the memory of float32 master "
+      "weights, but updates smaller than bf16's resolution are lost")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
       help="positions per chunk of the output-head loss (0 = all at once)")
@@ -423,6 +431,8 @@ def parse_args(argv=None) -> TrainConfig:
     config = TrainConfig(**values, lora=lora)
     if config.precision is None:
         config.precision = default_precision(config.device)
+    if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
+        raise UserError("--pure-bf16 is for --method full with --precision bf16 (the default on GPUs)")
     if config.precision == "fp16" and not config.device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (its loss scaling is CUDA's); use bf16 or fp32")
     parse_targets(config.lora.targets)
@@ -509,8 +519,8 @@ def estimate_memory(model, config: TrainConfig) -> dict:
     gib = 2 ** 30
     c = model.config
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / gib
-    trainable, _ = count_parameters(model)
-    grads, adam = trainable * 4 / gib, trainable * 8 / gib  # float32 grads; two float32 moments
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    grads, adam = trainable / gib, 2 * trainable / gib  # a gradient and two AdamW moments, each in the weight's dtype
     tokens = config.batch_size * config.seq_len
     act_bytes = 2 if config.precision != "fp32" else 4
     # Saved for backward per token and layer: ~8 d-wide tensors (norm outputs, q/k/v/attention

@@ -117,6 +117,26 @@ def test_overfits_a_handful_of_examples(tmp_path, demo_data):
     assert answer == record["output"]
 
 
+def test_pure_bf16_full_finetuning(tmp_path, demo_data, monkeypatch):
+    """--pure-bf16: the trained weights (and so their gradients and AdamW moments) are bf16, and
+    the demo still learns; LoRA or fp32 with it is refused."""
+    out, seen = tmp_path / "out", {}
+    real_step = train_sft.train_step
+
+    def spy(model, optimizer, *args, **kwargs):
+        result = real_step(model, optimizer, *args, **kwargs)
+        seen["dtypes"] = {p.dtype for p in model.parameters()}
+        seen["moments"] = {v.dtype for state in optimizer.state.values() for v in state.values() if v.dim()}
+        return result
+    monkeypatch.setattr(train_sft, "train_step", spy)
+    run(demo_argv(demo_data[0], out, "--max-steps", 12, "--lr", 3e-3, "--pure-bf16", "--precision", "bf16"))
+    assert seen["dtypes"] == seen["moments"] == {torch.bfloat16}
+    losses = train_losses(out)
+    assert losses[12] < losses[1] - 1
+    for extra in (["--precision", "fp32"], ["--method", "lora", "--precision", "bf16"]):
+        fails_with(demo_argv(demo_data[0], tmp_path / "x", "--pure-bf16", *extra), "--pure-bf16 is for --method full")
+
+
 # ---------------------------------------------------------------- 2. gradient accumulation
 
 ACCUM_CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96,
