@@ -23,7 +23,8 @@ from lora import apply_lora, count_parameters, parse_targets
 from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from fused_loss import compile_for_training
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
-from train_sft import TrainConfig, count_targets, make_optimizer, start_distributed, train_step
+from train_sft import (TrainConfig, count_targets, estimate_memory, make_optimizer, start_distributed,
+                       train_step)
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -100,6 +101,8 @@ def main(argv=None):
         a.device = dist.device
     world = dist.world if dist else 1
 
+    if a.pure_bf16 and a.method != "full":
+        raise UserError("--pure-bf16 is for --method full")
     c = ModelConfig.from_name(a.shape)
     if a.seq_len is None:  # a shape with a shorter context (tiny: 512) gets all of it
         a.seq_len = min(2048, c.max_seq_len)
@@ -113,6 +116,9 @@ def main(argv=None):
         apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
     trainable, _ = count_parameters(model)  # (before sharding)
+    settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len, device=a.device,
+                           precision=precision, grad_ckpt=a.grad_ckpt, loss_chunk=a.loss_chunk)
+    estimate = estimate_memory(model, settings)["total"]  # what train_sft.py prints before training
     if dist:
         dist.shard(model)
     if a.compile:
@@ -129,10 +135,9 @@ def main(argv=None):
     batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
     n_targets = count_targets(batch)  # per rank: the step's targets / world (Distributed.share)
 
-    config = TrainConfig(device=a.device, precision=precision, grad_clip=1.0, loss_chunk=a.loss_chunk)
 
     def step():
-        loss = train_step(model, optimizer, [batch], n_targets, config, scaler)[0]
+        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler)[0]
         return dist.mean(loss) if dist else loss
 
     cuda = a.device.startswith("cuda")
@@ -170,7 +175,8 @@ def main(argv=None):
             "world_size": world, "tokens_per_s_per_gpu": round(tok_s / world),
             "loss": round(float(loss), 4), "trainable_params": trainable,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "compile": a.compile, "loss_chunk": a.loss_chunk,
+            "compile": a.compile, "loss_chunk": a.loss_chunk, "pure_bf16": a.pure_bf16,
+            "estimate_gib": round(estimate, 2),
         }), flush=True)
     if dist:
         dist.exit()

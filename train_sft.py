@@ -116,7 +116,8 @@ def main(argv=None):
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
     if config.compile:
         compile_for_training(model)
-    memory = estimate_memory(model, config)
+    longest = max(batch["tokens"].shape[1] for batch in batches.batches)  # the widest batch's tokens
+    memory = estimate_memory(model, replace(config, seq_len=min(config.seq_len, longest)))
     log.say(memory_line(memory, config.device))
     optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -487,8 +488,9 @@ class Log:
         if not self.speaks:
             return
         log_metrics(out, row)
-        text = (f"loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['tokens_per_s']:,} tok/s, "
-                f"{row['peak_mem_gib']:.1f} GiB")
+        text = f"loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['tokens_per_s']:,} tok/s"
+        if row["peak_mem_gib"] is not None:
+            text += f", {row['peak_mem_gib']:.1f} GiB"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
             self.bar.update(1)
@@ -547,8 +549,9 @@ def memory_line(estimate: dict, device: str) -> str:
     return f"memory estimate: {estimate['total']:.2f} GiB = {parts}{have}"
 
 
-def peak_gib(config: TrainConfig) -> float:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.device.startswith("cuda") else 0.0
+def peak_gib(config: TrainConfig) -> float | None:
+    """The GPU's peak allocated memory so far (None on a CPU, where nothing measures it alone)."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.device.startswith("cuda") else None
 
 
 def peak_memory_line(estimate: dict, device: str) -> str:
