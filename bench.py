@@ -23,7 +23,8 @@ from lora import apply_lora, count_parameters, parse_targets
 from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from fused_loss import compile_for_training
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
-from train_sft import (TrainConfig, count_targets, estimate_memory, make_optimizer, start_distributed,
+from memory import estimate_memory
+from train_sft import (TrainConfig, count_targets, make_optimizer, start_distributed,
                        train_step)
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet

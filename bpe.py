@@ -8,7 +8,6 @@ from a GGUF file loads in transformers with its tokenizer and chat template.
 tokenizer.py's `Tokenizer.from_file` comes here for .gguf and .json files.
 """
 import json
-import shutil
 from pathlib import Path
 
 from errors import UserError

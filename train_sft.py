@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,76 +28,15 @@ from tqdm import tqdm
 import data
 from batching import StepBatches, batch_efficiency, make_batches
 from checkpoint import load_checkpoint, save_checkpoint
-from errors import (ArgumentParser, UserError, device_name, fraction_below_one, non_negative_float,
-                    non_negative_int, positive_float, positive_int, run_cli)
+from config import DEMO_CONFIG, TrainConfig, parse_args
+from errors import UserError, run_cli
 from fused_loss import compile_for_training
 from generate import generate
 from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
-from model import IGNORE_INDEX, PRECISIONS, ModelConfig, Transformer, default_precision
+from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
+from model import IGNORE_INDEX, PRECISIONS, Transformer
 from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
-
-ROOT = Path(__file__).resolve().parent
-DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
-
-
-@dataclass
-class LoRASettings:
-    """The adapters (lora.py): y = x Wᵀ + (alpha/r) · dropout(x) Aᵀ Bᵀ on each target layer."""
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: str = "q,k,v,o,gate,up,down"  # any of q,k,v,o,gate,up,down,head, or all
-    rslora: bool = False                    # scale alpha/√r instead of alpha/r
-    dora: bool = False                      # weight-decomposed LoRA
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run. The defaults are the classic Alpaca-LoRA recipe (tloen/alpaca-lora):
-    r=16, alpha=32, lr 3e-4, 3 epochs, 512 tokens, effective batch 128 = 4 examples × 32 micro-batches.
-    out/config.json holds these values, resolved; --resume compares against them."""
-    checkpoint: str | None = None  # None: the built-in demo (DEMO below)
-    tokenizer: str | None = None   # None: the one next to the checkpoint
-    data: str | None = None
-    val_data: str | None = None
-    val_split: float = 0.05
-    template: str = "alpaca"
-    train_on_prompt: bool = False
-    out: str = "out"
-    method: str = "lora"           # lora, qlora or full
-    lora: LoRASettings = field(default_factory=LoRASettings)
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    epochs: float = 3.0
-    max_steps: int | None = None
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    save_every: int = 200
-    sample_prompt: str | None = None
-    seed: int = 42
-    precision: str | None = None   # None: bf16 on GPUs that have it, else fp16; fp32 on CPU
-    grad_ckpt: bool = False
-    pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
-    compile: bool = False
-    loss_chunk: int = 1024
-    packing: bool = False
-    resume: bool = False
-    merge: bool = False
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    world_size: int = 1            # processes under torchrun
-
-
-# The demo trains a small random model from scratch on examples/alpaca_demo.json in about a minute
-# on a laptop CPU: it shows the whole pipeline, not a useful model.
-DEMO = dict(data=str(DEMO_DATA.relative_to(ROOT)), method="full", lr=2e-3, epochs=40.0, seq_len=256,
-            batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100)
-DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
-                          vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
 
 def main(argv=None):
@@ -358,88 +297,6 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
 
 # ── The command line ────────────────────────────────────────────────────────────────────────────
 
-def parse_args(argv=None) -> TrainConfig:
-    """The flags, each a field of TrainConfig with its default; every value checked."""
-    d = TrainConfig()
-    p = ArgumentParser(description=__doc__)
-    a = p.add_argument
-    a("--checkpoint", help="pretrained checkpoint: HF dir, Meta dir, llama2.c .bin/.pt, .gguf, or "
-      "ours (omitted: the built-in demo, a tiny random model with its own defaults)")
-    a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
-      "--checkpoint)")
-    a("--data", help="training data: Alpaca or chat records, JSON or JSONL (the demo: "
-      "examples/alpaca_demo.json)")
-    a("--val-data", help="a separate validation file (default: --val-split of --data)")
-    a("--val-split", type=fraction_below_one, default=d.val_split,
-      help="fraction of --data held out for validation")
-    a("--template", default=d.template, choices=list(data.TEMPLATES), help="prompt template")
-    a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask)")
-    a("--out", default=d.out, help="output directory: new, empty, or a run of this project")
-    a("--method", choices=["lora", "qlora", "full"], default=d.method,
-      help="LoRA adapters, QLoRA (LoRA on a 4-bit NF4 base: quant.py) or full fine-tuning")
-    a("--lora-r", type=positive_int, default=d.lora.r, help="LoRA rank")
-    a("--lora-alpha", type=positive_float, default=d.lora.alpha,
-      help="LoRA alpha; the update is scaled by alpha/r")
-    a("--lora-dropout", type=fraction_below_one, default=d.lora.dropout, help="dropout on the LoRA input")
-    a("--lora-targets", default=d.lora.targets,
-      help="layers to adapt: any of q,k,v,o,gate,up,down,head, or all")
-    a("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
-    a("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
-    a("--seq-len", type=positive_int, default=d.seq_len,
-      help="max tokens per example; longer ones are truncated")
-    a("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-batch")
-    a("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step")
-    a("--lr", type=positive_float, default=d.lr, help="peak learning rate")
-    a("--weight-decay", type=non_negative_float, default=d.weight_decay,
-      help="AdamW weight decay on matrices, never on norms")
-    a("--warmup-steps", type=non_negative_int, default=d.warmup_steps,
-      help="linear warmup steps before the cosine decay")
-    a("--epochs", type=positive_float, default=d.epochs, help="passes over the training data")
-    a("--max-steps", type=positive_int, default=d.max_steps,
-      help="stop after this many optimizer steps (default: --epochs decides)")
-    a("--grad-clip", type=non_negative_float, default=d.grad_clip,
-      help="clip the global gradient norm to this (0 = off)")
-    a("--eval-every", type=positive_int, default=d.eval_every,
-      help="validation loss + a sample every N steps")
-    a("--save-every", type=positive_int, default=d.save_every,
-      help="checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)")
-    a("--sample-prompt", help="instruction answered at each evaluation (default: the first "
-      "validation record)")
-    a("--seed", type=int, default=d.seed, help="seed for adapter init, data order and dropout")
-    a("--precision", choices=list(PRECISIONS),
-      help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
-    a("--pure-bf16", action="store_true", help="full fine-tuning in bf16 throughout (weights, "
-      "gradients, AdamW state), as Hugging Face's default does: half the memory of float32 master "
-      "weights, but updates smaller than bf16's resolution are lost")
-    a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
-    a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
-      help="positions per chunk of the output-head loss (0 = all at once)")
-    a("--packing", action="store_true", help="pack several examples per row instead of padding")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--merge", action="store_true", help="at the end also write the merged model (ours and HF's)")
-    a("--device", type=device_name, default=d.device, help="cpu, cuda or cuda:N")
-    args = p.parse_args(argv)
-    if args.checkpoint is None:  # the demo: its own defaults for what the command line leaves out
-        p.set_defaults(**DEMO)
-        args = p.parse_args(argv)
-    values = vars(args)
-    lora = LoRASettings(r=values.pop("lora_r"), alpha=values.pop("lora_alpha"),
-                        dropout=values.pop("lora_dropout"), targets=values.pop("lora_targets"),
-                        rslora=values.pop("rslora"), dora=values.pop("dora"))
-    if not values["data"]:
-        raise UserError("--data is required with --checkpoint")
-    config = TrainConfig(**values, lora=lora)
-    if config.precision is None:
-        config.precision = default_precision(config.device)
-    if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
-        raise UserError("--pure-bf16 is for --method full with --precision bf16 (the default on GPUs)")
-    if config.precision == "fp16" and not config.device.startswith("cuda"):
-        raise UserError("--precision fp16 needs a GPU (its loss scaling is CUDA's); use bf16 or fp32")
-    parse_targets(config.lora.targets)
-    return config
-
-
 def start_distributed():
     """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
     else None. distributed.py is imported only then."""
@@ -514,51 +371,6 @@ class Log:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def estimate_memory(model, config: TrainConfig) -> dict:
-    """Rough GiB the run needs: weights + gradients + AdamW moments + activations + logits."""
-    gib = 2 ** 30
-    c = model.config
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / gib
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    grads, adam = trainable / gib, 2 * trainable / gib  # a gradient and two AdamW moments, each in the weight's dtype
-    tokens = config.batch_size * config.seq_len
-    act_bytes = 2 if config.precision != "fp32" else 4
-    # Saved for backward per token and layer: ~8 d-wide tensors (norm outputs, q/k/v/attention
-    # output, residuals) and ~4 ffn-wide ones (gate, up, silu, product); with checkpointing only
-    # each block's input survives (plus one block's worth during its recomputation).
-    per_layer = tokens * (8 * c.dim + 4 * c.ffn_hidden) * act_bytes
-    if config.grad_ckpt:
-        activations = (tokens * c.dim * act_bytes * c.n_layers + per_layer) / gib
-    else:
-        activations = per_layer * c.n_layers / gib
-    logit_rows = min(tokens, config.loss_chunk) if config.loss_chunk else tokens
-    logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes) / gib  # fp32 logits, their grad, the matmul output
-    estimate = dict(weights=weights, gradients=grads, optimizer=adam, activations=activations, logits=logits)
-    estimate["total"] = sum(estimate.values())
-    return estimate
-
-
-def memory_line(estimate: dict, device: str) -> str:
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in estimate.items() if k != "total")
-    have = ""
-    if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info()
-        have = f"; this GPU has {total / 2**30:.1f} GiB ({free / 2**30:.1f} free)"
-    return f"memory estimate: {estimate['total']:.2f} GiB = {parts}{have}"
-
-
-def peak_gib(config: TrainConfig) -> float | None:
-    """The GPU's peak allocated memory so far (None on a CPU, where nothing measures it alone)."""
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.device.startswith("cuda") else None
-
-
-def peak_memory_line(estimate: dict, device: str) -> str:
-    if not device.startswith("cuda"):
-        return f"memory: estimated {estimate['total']:.2f} GiB (measured only on a GPU)"
-    measured = torch.cuda.max_memory_allocated() / 2**30
-    return f"memory: estimated {estimate['total']:.2f} GiB, measured peak {measured:.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 Everything runs as subprocesses, as a user would (python train_sft.py ...).
 """
 import json
-import os
 import random
 import signal
 import subprocess

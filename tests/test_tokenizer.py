@@ -1,14 +1,12 @@
 """The real Llama-2, Llama-3 and stories260K tokenizer files against the reference encodings of
 shared/models/README.md, plus the byte tokenizer and bad files. (Byte-level BPE: test_bpe.py.)"""
-import json
 import shutil
 
 import pytest
 
 from conftest import shared_path
 from errors import UserError
-from tokenizer import (ByteTokenizer, LLAMA3_SPECIAL, SentencePieceTokenizer, TiktokenTokenizer,
-                       Tokenizer, checkpoint_tokenizer)
+from tokenizer import ByteTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 INSTRUCTION = ("Below is an instruction that describes a task. Write a response that appropriately "
                "completes the request.")
