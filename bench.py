@@ -121,7 +121,7 @@ def main(argv=None):
                            precision=precision, grad_ckpt=a.grad_ckpt, loss_chunk=a.loss_chunk)
     estimate = estimate_memory(model, settings)["total"]  # what train_sft.py prints before training
     if dist:
-        dist.shard(model)
+        dist.parallelize(model, shard=a.method == "full")
     if a.compile:
         compile_for_training(model)
     model.train()
@@ -138,7 +138,8 @@ def main(argv=None):
 
 
     def step():
-        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler)[0]
+        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler,
+                          sync=dist and dist.gradient_sync)[0]
         return dist.mean(loss) if dist else loss
 
     cuda = a.device.startswith("cuda")

@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node=2 train_sft.py --checkpoint DIR --data alpaca.json
 
-Every rank (one process per GPU, or per CPU process with gloo) holds 1/world of each parameter,
-gradient and AdamW moment. `fully_shard` on each block makes FSDP gather a block's weights just
-before the block runs and free them right after, and reduce-scatter its gradients in backward.
+Full fine-tuning: every rank (one process per GPU, or per CPU process with gloo) holds 1/world of
+each parameter, gradient and AdamW moment. `fully_shard` on each block makes FSDP gather a block's
+weights just before the block runs and free them right after, and reduce-scatter its gradients
+in backward. LoRA: every rank holds the whole model and the adapters' gradients are averaged.
 The training loop stays the same; it only deals each optimizer step's micro-batches out across
 ranks (`share`), averages the logged loss over them (`mean`), and at the end rank 0 writes the
 results from an unsharded copy of the model (`gather_model`).
@@ -22,6 +23,8 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 
 class Distributed:
+    gradient_sync = None  # what train_step calls before clipping: see parallelize
+
     def __init__(self):
         cuda = torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -34,20 +37,32 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, model):
-        """One FSDP unit per block, plus the root (embedding, final norm, head). Parameters keep
-        their dtypes (bf16 frozen base, float32 LoRA or master weights) and autocast does the
-        compute casts, exactly as in a single-GPU run.
+    def parallelize(self, model, shard: bool):
+        """shard=True (full fine-tuning): FSDP2 shards every weight, gradient and AdamW moment
+        (an 8B model's 16 bytes a parameter do not fit one GPU). One FSDP unit per block, plus
+        the root (embedding, final norm, head); parameters keep their dtypes and autocast does
+        the compute casts, exactly as in a single-GPU run. FSDP reduces the gradients itself.
 
-        Frozen weights (LoRA's whole base model) are not sharded: every rank keeps its own copy,
-        as on one GPU, and only the trainable ones are sharded and their gradients reduced.
-        Sharding the base would save memory a LoRA run rarely needs, at the price of gathering
-        all of it over the network twice a step (forward and backward): half the speed on 2 GPUs."""
-        frozen = {p for p in model.parameters() if not p.requires_grad}
+        shard=False (LoRA, QLoRA): every rank keeps the whole model, as on one GPU (the frozen
+        base fits), and `average_gradients` averages the adapters' gradients once a step.
+        Sharding the base instead would mean gathering all of it over the network twice a step
+        (forward and backward) to save memory a LoRA run rarely needs: half the speed on 2 GPUs."""
+        if not shard:
+            self.gradient_sync = self.average_gradients
+            return
         for block in model.layers:
-            fully_shard(block, ignored_params=frozen & set(block.parameters()))
-        fully_shard(model, ignored_params=frozen)
+            fully_shard(block)
+        fully_shard(model)
         register_fsdp_forward_method(model, "loss")  # training calls model.loss, not model(...)
+
+    def average_gradients(self, params):
+        """Every rank's gradients → their mean, on every rank (one all-reduce of all of them)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.flatten().float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
 
     def share(self, micro_batches: list, n_targets: int) -> tuple[list, float]:
         """This rank's part of an optimizer step (every world-th micro-batch, from its rank on),

@@ -51,7 +51,7 @@ def main(argv=None):
     model, tokenizer = build_model(config, log)
     config, batches, val_batches, sample_prompt = load_data(config, tokenizer, model, log)
     if dist:
-        dist.shard(model)
+        dist.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
     if config.compile:
         compile_for_training(model)
@@ -96,7 +96,8 @@ def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prom
             if dist:  # this rank's part of the step (and its divisor: see Distributed.share)
                 micro, n_targets = dist.share(micro, n_targets)
             started = time.perf_counter()
-            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler)
+            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler,
+                                         sync=dist and dist.gradient_sync)
             seconds = time.perf_counter() - started  # the step alone, not evaluations or saves
             if dist:
                 loss = dist.mean(loss)
@@ -120,17 +121,20 @@ def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prom
     log.close()
 
 
-def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None):
+def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None, sync=None):
     """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm).
-    n_targets counts the target tokens of the whole step (under torchrun, of every rank's share)."""
+    n_targets counts the target tokens of the whole step. (Under torchrun: see Distributed.share,
+    and `sync` averages the ranks' gradients when FSDP does not.)"""
     total = 0.0
     for batch in micro_batches:
         loss = batch_loss(model, batch, config.device, config.precision, config.loss_chunk) / max(n_targets, 1)
         (scaler.scale(loss) if scaler else loss).backward()  # gradients add up over micro-batches
         total += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if sync:
+        sync(params)
     if scaler:
         scaler.unscale_(optimizer)  # the true gradients, for clipping
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).item())  # over all ranks
     if scaler:
