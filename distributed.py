@@ -27,11 +27,14 @@ class Distributed:
 
     def __init__(self):
         cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if cuda else "gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl", device_id=torch.device(self.device))
+        else:
+            dist.init_process_group("gloo")
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
 
     @property
     def is_main(self) -> bool:
