@@ -19,11 +19,12 @@ import torch
 
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_int, positive_int, run_cli)
-from lora import apply_lora, count_parameters, parse_targets
-from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from fused_loss import compile_for_training
-from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
+from lora import HF_TARGET_NAMES, apply_lora, count_parameters, parse_targets
 from memory import estimate_memory
+from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
+from projections import PROJECTIONS, is_target, replace_module
+from quant import DEFAULT_TARGETS, NF4Linear
 from train_sft import (TrainConfig, count_targets, make_optimizer, start_distributed,
                        train_step)
 
@@ -51,8 +52,9 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype,
     g = torch.Generator(device).manual_seed(0)
     if method == "qlora":
         for name, module in list(model.named_modules()):  # one 16-bit matrix at a time, then NF4
-            if name.endswith(QUANTIZED_LAYERS):
-                w = torch.empty(module.weight.shape, device=device, dtype=base_dtype).normal_(0, 0.02, generator=g)
+            if is_target(name, DEFAULT_TARGETS):
+                w = torch.empty(module.weight.shape, device=device, dtype=base_dtype)
+                w.normal_(0, 0.02, generator=g)
                 replace_module(model, name, NF4Linear.from_weight(w, compute_dtype=base_dtype))
         for module in model.modules():  # embedding, norms, head: real (uninitialised) memory
             if not isinstance(module, NF4Linear):
@@ -61,6 +63,14 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype,
             model.lm_head.weight = model.embed_tokens.weight
     model.init_weights(generator=g)
     return model
+
+
+def our_targets(spec: str) -> list[str]:
+    """--lora-targets in the peer harness's Hugging Face names ('q_proj,v_proj', 'lm_head') or
+    in ours ('q,v', 'head', 'all') -> our short names."""
+    short_name = {hf_name: short for short, hf_name in HF_TARGET_NAMES.items()}
+    names = [name.strip() for name in spec.split(",")]
+    return parse_targets(",".join(short_name.get(name, name) for name in names))
 
 
 def parse_args(argv=None):
@@ -76,8 +86,8 @@ def parse_args(argv=None):
     a("--steps", type=positive_int, default=10, help="timed steps")
     a("--warmup", type=non_negative_int, default=3,
       help="untimed steps first (compilation, allocator)")
-    a("--lora-rank", type=positive_int, default=16, help="LoRA rank r (alpha is 2r)")
-    a("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    a("--lora-r", type=positive_int, default=16, help="LoRA rank r (alpha is 2r)")
+    a("--lora-targets", default=",".join(HF_TARGET_NAMES[short] for short in PROJECTIONS),
       help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head; all)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing")
     a("--pure-bf16", action="store_true",
@@ -108,18 +118,20 @@ def main(argv=None):
     if a.seq_len is None:  # a shape with a shorter context (tiny: 512) gets all of it
         a.seq_len = min(2048, c.max_seq_len)
     if a.seq_len > c.max_seq_len:
-        raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context ({c.max_seq_len})")
+        raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context "
+                        f"({c.max_seq_len})")
     precision = a.precision or default_precision(a.device)
     low = PRECISIONS[precision]
     model = build(c, a.method, a.device, low, a.pure_bf16)
     if a.method in ("lora", "qlora"):
-        targets = ",".join(t.removesuffix("_proj").replace("lm_head", "head") for t in a.lora_targets.split(","))
-        apply_lora(model, parse_targets(targets), r=a.lora_rank, alpha=2 * a.lora_rank, dropout=0.0)
+        apply_lora(model, our_targets(a.lora_targets), r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
     trainable, _ = count_parameters(model)  # (before sharding)
-    settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len, device=a.device,
-                           precision=precision, grad_ckpt=a.grad_ckpt, loss_chunk=a.loss_chunk)
-    estimate = estimate_memory(model, settings)["total"]  # what train_sft.py prints before training
+    settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len,
+                           device=a.device, precision=precision, grad_ckpt=a.grad_ckpt,
+                           loss_chunk=a.loss_chunk)
+    # what train_sft.py prints before training
+    estimate = estimate_memory(model, settings)["total"]
     if dist:
         dist.parallelize(model, shard=a.method == "full")
     if a.compile:
@@ -135,7 +147,6 @@ def main(argv=None):
     labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
     batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
     n_targets = count_targets(batch)  # per rank: the step's targets / world (Distributed.share)
-
 
     def step():
         loss = train_step(model, optimizer, [batch], n_targets, settings, scaler,
@@ -157,22 +168,31 @@ def main(argv=None):
 
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        activities = [ProfilerActivity.CPU]
+        if cuda:
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
             step()
             sync()
         sort = "cuda_time_total" if cuda else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70), file=sys.stderr)
+        table = prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70)
+        print(table, file=sys.stderr)
 
     tok_s = B * S * a.steps * world / dt  # all GPUs together
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
     if dist:
         dist.close()
     if dist is None or dist.is_main:
+        lora_r = None if a.method == "full" else a.lora_r
+        peak_mem_gib = None  # per GPU; nothing measures it on a CPU
+        if cuda:
+            peak_mem_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        # the field names of the peer harness's JSON (its flag is --lora-rank)
         print(json.dumps({
-            "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B, "seq_len": S,
-            "grad_ckpt": a.grad_ckpt, "lora_rank": a.lora_rank if a.method != "full" else None,
+            "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B,
+            "seq_len": S, "grad_ckpt": a.grad_ckpt, "lora_rank": lora_r,
             "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,  # per GPU
+            "peak_mem_gib": peak_mem_gib,
             "mfu_vs_989T": round(tok_s * per_tok / (H100_BF16_PEAK * world), 4),
             "world_size": world, "tokens_per_s_per_gpu": round(tok_s / world),
             "loss": round(float(loss), 4), "trainable_params": trainable,

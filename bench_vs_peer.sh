@@ -5,29 +5,48 @@
 # Ours runs with --compile (extra flags for bench.py only go in $OURS).
 #   bash bench_vs_peer.sh PEER_SCRIPT 1b 8b          # PEER_SCRIPT: the harness peer_hf_peft.py
 # Groups: 1b (llama-3.2-1b LoRA and full), 8b (llama-3-8b / llama-2-7b LoRA), 8b-long (seq 4096),
-# qlora (llama-3-8b QLoRA with checkpointing), plain (the 1B and 8B LoRA rows against HF+PEFT alone).
+# qlora (llama-3-8b QLoRA with checkpointing), plain (the 1B and 8B LoRA rows against HF+PEFT
+# alone).
 set -u
-peer=$1; shift
+peer=$1
+shift
 OURS=${OURS:---compile}
+run() {  # one benchmark script and its flags: show only its JSON line, or its error
+  timeout 500 python3 "$@" 2>&1 | grep -E '^\{|Error|error' | tail -2
+}
 pair() {  # $1: the peer's own flags; the rest: flags for both
-  local peer_flags=$1; shift
+  local peer_flags=$1
+  shift
   echo "# $* | peer: ${peer_flags:-plain HF+PEFT} | ours: $OURS"
-  timeout 500 python3 "$peer" "$@" $peer_flags 2>&1 | grep -E '^\{|Error|error' | tail -2
-  timeout 500 python3 bench.py "$@" $OURS 2>&1 | grep -E '^\{|Error|error' | tail -2
+  run "$peer" "$@" $peer_flags
+  run bench.py "$@" $OURS
 }
 for group in "$@"; do
   case $group in
-    1b)  pair --liger --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
-         pair --liger --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048
-         timeout 500 python3 bench.py --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048 \
-           --pure-bf16 $OURS 2>&1 | grep -E '^\{|Error|error' | tail -2 ;;
-    8b)  pair --liger --shape llama-3-8b --method lora --batch-size 2 --seq-len 2048
-         pair --liger --shape llama-3-8b --method lora --batch-size 4 --seq-len 2048 --grad-ckpt
-         pair --liger --shape llama-2-7b --method lora --batch-size 4 --seq-len 2048 ;;
-    8b-long) pair --liger --shape llama-3-8b --method lora --batch-size 2 --seq-len 4096 ;;
-    qlora) pair --liger --shape llama-3-8b --method qlora --batch-size 2 --seq-len 2048 --grad-ckpt ;;
-    plain) pair "" --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
-           pair "" --shape llama-3-8b --method lora --batch-size 2 --seq-len 2048 ;;
-    *) echo "unknown group $group (1b, 8b, 8b-long, qlora, plain)"; exit 2 ;;
+    1b)
+      pair --liger --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
+      pair --liger --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048
+      run bench.py --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048 \
+        --pure-bf16 $OURS
+      ;;
+    8b)
+      pair --liger --shape llama-3-8b --method lora --batch-size 2 --seq-len 2048
+      pair --liger --shape llama-3-8b --method lora --batch-size 4 --seq-len 2048 --grad-ckpt
+      pair --liger --shape llama-2-7b --method lora --batch-size 4 --seq-len 2048
+      ;;
+    8b-long)
+      pair --liger --shape llama-3-8b --method lora --batch-size 2 --seq-len 4096
+      ;;
+    qlora)
+      pair --liger --shape llama-3-8b --method qlora --batch-size 2 --seq-len 2048 --grad-ckpt
+      ;;
+    plain)
+      pair "" --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
+      pair "" --shape llama-3-8b --method lora --batch-size 2 --seq-len 2048
+      ;;
+    *)
+      echo "unknown group $group (1b, 8b, 8b-long, qlora, plain)"
+      exit 2
+      ;;
   esac
 done

@@ -84,12 +84,14 @@ class Distributed:
     def training_state(self, model, optimizer) -> tuple[dict, dict]:
         """Trainable weights and AdamW state gathered whole (on rank 0, in CPU memory), keyed by
         parameter name, so a checkpoint does not depend on how many ranks wrote it."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                   ignore_frozen_params=True)
         return get_state_dict(model, optimizer, options=options)
 
     def load_training_state(self, model, optimizer, model_state: dict, optimizer_state: dict):
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state, options=options)
 
     def gather_model(self, model, optimizer, build):
         """On rank 0, a plain (unsharded, CPU) copy of the trained model, built by `build()` and

@@ -15,10 +15,12 @@ from model import IGNORE_INDEX
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_size: int, compiled: bool = False):
-    """Σ cross-entropy(h · weightᵀ, targets) over (batch, seq) positions, chunk_size at a time."""
+    """Σ cross-entropy(h · weightᵀ, targets) over (batch, seq) positions, chunk_size at a
+    time."""
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     step = compiled_loss_and_grad() if compiled else loss_and_grad
-    return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunk_size, need_grad, step)
+    return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunk_size,
+                                    need_grad, step)
 
 
 def loss_and_grad(logits, targets):
@@ -39,9 +41,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The loss is the last operation of the network, so its gradient is known the moment the
     logits are: d loss/d logits = softmax − onehot. For each chunk we compute the logits, the
-    loss, that gradient, and pass it straight on through the head (grad_h = g·W, grad_W += gᵀ·h);
-    then the chunk's logits are dropped. Backward only scales the stored gradients: no logits are
-    kept for it and none are recomputed (what torch.utils.checkpoint would do).
+    loss, that gradient, and pass it straight on through the head
+    (grad_h = g·W, grad_W += gᵀ·h); then the chunk's logits are dropped. Backward only scales
+    the stored gradients: no logits are kept for it and none are recomputed (what
+    torch.utils.checkpoint would do).
     """
 
     @staticmethod
@@ -50,7 +53,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         w = weight.to(dtype)  # under autocast: the bf16 copy of the head, made once
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
+        grad_w = None
+        if need_grad and weight.requires_grad:
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(device, enabled=False):
             for i in range(0, h.shape[0], chunk_size):
@@ -89,7 +94,8 @@ def compile_for_training(model):
     for block in model.layers:
         block.forward = training_only(torch.compile(block.forward), block.forward)
     model.compiled = True
-    if torch.cuda.is_available():  # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
+    # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
+    if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
 
 

@@ -158,7 +158,8 @@ def main(argv=None):
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     stream = sys.stdout.isatty()
-    ids, printed = [], ""
+    ids = []
+    printed = ""  # what has been printed of tokenizer.decode(ids) so far
     for token in generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, generator):
         ids.append(token)

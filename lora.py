@@ -23,7 +23,7 @@ runs exactly as fast as the original.
 DoRA (Liu et al. 2024) splits each row of the weight into a length and a direction, trains the
 length as a vector m (out,) and the direction with LoRA:
 
-    W' = m · (W + s·B A) / ‖W + s·B A‖_row        (the norm is treated as a constant, paper §4.3)
+    W' = m · (W + s·B A) / ‖W + s·B A‖_row        (the norm is treated as a constant, §4.3)
 
 Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py). export.py writes an adapter in
 Hugging Face PEFT's names and row order, and a merged transformers checkpoint.
@@ -40,18 +40,12 @@ import torch.nn.functional as F
 
 from checkpoint import save_safetensors, write_json
 from errors import UserError
-from quant import NF4Linear, dequantize_model, replace_module
-
-# short name (used on the command line) -> module path inside a Transformer layer (or the model)
-LORA_TARGETS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "head": "lm_head"}
-ALL_PROJECTIONS = ["q", "k", "v", "o", "gate", "up", "down"]  # "all": like PEFT's all-linear, head excluded
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size")
-ADAPTER_TENSORS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+from projections import PROJECTIONS, is_target, replace_module
 
 
 class LoRALinear(nn.Module):
-    """An nn.Linear with a frozen weight plus a trainable low-rank update: base(x) + scale·x AᵀBᵀ."""
+    """An nn.Linear with a frozen weight plus a trainable low-rank update:
+    base(x) + scale · x AᵀBᵀ."""
 
     def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                  rslora: bool = False, dtype: torch.dtype = torch.float32):
@@ -59,13 +53,18 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise UserError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
         if r < 1 or not 0.0 <= dropout < 1.0:
-            raise UserError(f"LoRA needs rank r >= 1 and 0 <= dropout < 1 (got r={r}, dropout={dropout})")
+            raise UserError(f"LoRA needs rank r >= 1 and 0 <= dropout < 1 "
+                            f"(got r={r}, dropout={dropout})")
         self.base = base  # the same module, so the same weight object: a tied weight stays tied
         base.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+        self.rslora = rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        # (an NF4Linear's `weight` dequantises the whole matrix: ask its stored codes instead)
-        device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
+        # The device of any tensor the base holds. Not base.weight: an NF4 base (quant.py) keeps
+        # 4-bit codes and dequantises the whole matrix on every read of `weight`.
+        device = [*base.parameters(), *base.buffers()][0].device
         # float32 adapters even on a bf16 base: tiny, and small updates are not rounded away
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
@@ -74,7 +73,7 @@ class LoRALinear(nn.Module):
         self.weight_is_shared = False  # set by apply_lora when another module uses the same matrix
 
     def lora_output(self, x):
-        """dropout(x) Aᵀ Bᵀ, through the r-wide bottleneck: never builds the (out × in) matrix B A."""
+        """dropout(x) Aᵀ Bᵀ, through the r-wide bottleneck: never builds the (out × in) B A."""
         if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)  # under autocast the matmuls pick their own dtype
         if self.dropout and self.training:
@@ -85,7 +84,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:  # ΔW is already inside base.weight
             return y
-        return y.add_(self.lora_output(x), alpha=self.scale)  # in place: no second (…, out) tensor
+        # in place: no second (…, out) tensor
+        return y.add_(self.lora_output(x), alpha=self.scale)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -94,9 +94,10 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W ← W + scale·B A, computed in float32 and rounded to W's dtype once. Afterwards forward
-        is just base(x). A weight shared with another module (a tied lm_head) is not written
-        into: the merged matrix becomes this layer's own, and unmerge gives the shared one back."""
+        """W ← W + scale·B A, computed in float32 and rounded to W's dtype once. Afterwards
+        forward is just base(x). A weight shared with another module (a tied lm_head) is not
+        written into: the merged matrix becomes this layer's own, and unmerge gives the shared
+        one back."""
         if self.merged:
             return
         merged = self.merged_weight()
@@ -131,7 +132,8 @@ class LoRALinear(nn.Module):
 
 
 class DoRALinear(LoRALinear):
-    """DoRA: y = m / ‖W + s·B A‖_row · (x Wᵀ + s·dropout(x) AᵀBᵀ) + bias, m a trainable (out,) vector.
+    """DoRA: y = m / ‖W + s·B A‖_row · (x Wᵀ + s·dropout(x) AᵀBᵀ) + bias, with m a
+    trainable (out,) vector.
 
     Initialised to m = ‖W‖_row, so it too starts at the pretrained layer. The row norm is
     detached (no gradient flows through it), as in the paper's §4.3 and in PEFT, so adapters
@@ -153,32 +155,50 @@ class DoRALinear(LoRALinear):
     def forward(self, x):
         if self.merged:
             return self.base(x)
+        # On an NF4 base each read of base.weight dequantises the whole matrix (quant.py): here
+        # twice a forward, for the matmul and in row_norm, and autograd keeps the first copy for
+        # the backward pass (which NF4Linear's own forward avoids).
         y = F.linear(x, self.base.weight).add_(self.lora_output(x), alpha=self.scale)
         y = y * (self.magnitude / self.row_norm()).to(y.dtype)
         return y if self.base.bias is None else y + self.base.bias
 
     def merged_weight(self):
-        """W' = m · (W + s·B A) / ‖W + s·B A‖_row; the norm is kept so unmerge can divide it back out."""
+        """W' = m · (W + s·B A) / ‖W + s·B A‖_row. The norm is kept, so that unmerge can
+        divide it back out."""
         self.merged_norm = self.row_norm()
-        return (self.base.weight.float() + self.delta_weight()) * (self.magnitude.float() / self.merged_norm)[:, None]
+        row_scale = self.magnitude.float() / self.merged_norm
+        return (self.base.weight.float() + self.delta_weight()) * row_scale[:, None]
 
     def unmerged_weight(self):
-        return self.base.weight.float() * (self.merged_norm / self.magnitude.float())[:, None] - self.delta_weight()
+        """W = W' · ‖W + s·B A‖_row / m − s·B A."""
+        row_scale = self.merged_norm / self.magnitude.float()
+        return self.base.weight.float() * row_scale[:, None] - self.delta_weight()
+
+
+# ---------------------------------------------------------------- which layers get adapters
+
+# short name (used on the command line) -> module path: the seven projections, and the output head
+LORA_TARGETS = {**PROJECTIONS, "head": "lm_head"}
+# their Hugging Face names (PEFT's target_modules), the last part of the path: 'q' -> 'q_proj'
+HF_TARGET_NAMES = {short: path.rpartition(".")[2] for short, path in LORA_TARGETS.items()}
 
 
 def parse_targets(spec: str) -> list[str]:
-    """'q,v' -> ['q', 'v']; 'all' -> the seven projections; 'all,head' adds the output head."""
+    """'q,v' -> ['q', 'v']; 'all' -> the seven projections (like PEFT's all-linear, head
+    excluded); 'all,head' adds the output head."""
+    valid = f"valid: {', '.join(LORA_TARGETS)}, all"
     names = []
     for part in str(spec).lower().split(","):
         part = part.strip()
-        expanded = ALL_PROJECTIONS if part == "all" else [part] if part else []
-        for name in expanded:
+        if not part:
+            continue
+        for name in PROJECTIONS if part == "all" else [part]:
             if name not in LORA_TARGETS:
-                raise UserError(f"unknown LoRA target {name!r}; valid: {', '.join(LORA_TARGETS)}, all")
+                raise UserError(f"unknown LoRA target {name!r}; {valid}")
             if name not in names:
                 names.append(name)
     if not names:
-        raise UserError(f"no LoRA targets in {spec!r}; valid: {', '.join(LORA_TARGETS)}, all")
+        raise UserError(f"no LoRA targets in {spec!r}; {valid}")
     return names
 
 
@@ -188,11 +208,13 @@ def lora_layers(model: nn.Module) -> dict:
 
 
 def _short_name(module_name: str) -> str:
-    return next(t for t, path in LORA_TARGETS.items() if module_name == path or module_name.endswith("." + path))
+    """'layers.0.attn.q_proj' -> 'q'."""
+    return next(short for short, path in LORA_TARGETS.items() if is_target(module_name, [path]))
 
 
 def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-               rslora: bool = False, dora: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+               rslora: bool = False, dora: bool = False,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
     """Wrap the targeted nn.Linear layers (in place) and freeze everything else.
 
     targets: a spec string ('q,v', 'all', 'all,head') or a list of short names.
@@ -200,14 +222,15 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropou
     """
     targets = parse_targets(targets if isinstance(targets, str) else ",".join(targets))
     if lora_layers(model):
-        raise UserError("the model already has LoRA layers; merge_lora it first or start from the base model")
+        raise UserError("the model already has LoRA layers; merge_lora it first or start from "
+                        "the base model")
     paths = [LORA_TARGETS[t] for t in targets]
-    chosen = [name for name, m in model.named_modules()
-              if any(name == p or name.endswith("." + p) for p in paths)]
+    chosen = [name for name, _ in model.named_modules() if is_target(name, paths)]
     if not chosen:
         raise UserError(f"no module of the model matches the LoRA targets {targets}")
     model.requires_grad_(False)  # the pretrained weights: no gradients, no optimizer state
-    users = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))  # tied = 2 users
+    # how many modules hold each parameter: a tied weight has 2 users
+    users = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     layer_class = DoRALinear if dora else LoRALinear
     for name in chosen:
         layer = layer_class(model.get_submodule(name), r, alpha, dropout, rslora, dtype)
@@ -216,11 +239,21 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropou
     return model
 
 
+def _weight_in_buffers(module: nn.Module) -> bool:
+    """A linear layer whose weight is not a parameter: an NF4 base (quant.py) keeps its weight
+    as 4-bit codes in buffers."""
+    own_parameters = dict(module.named_parameters(recurse=False))
+    return isinstance(module, nn.Linear) and "weight" not in own_parameters
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied matrix counts once, an NF4 weight (a buffer) too."""
+    """(trainable, total) parameter counts. A tied matrix counts once, and so does a weight kept
+    in buffers (NF4)."""
     params = list(model.parameters())  # parameters() already skips the second use of a tied weight
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    in_buffers = sum(m.in_features * m.out_features for m in model.modules()
+                     if _weight_in_buffers(m))
+    return trainable, sum(p.numel() for p in params) + in_buffers
 
 
 def lora_settings(model: nn.Module) -> dict:
@@ -235,6 +268,8 @@ def lora_settings(model: nn.Module) -> dict:
             "rslora": first.rslora, "dora": isinstance(first, DoRALinear)}
 
 
+# ---------------------------------------------------------------- merging
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put the plain nn.Linear back (in place).
 
@@ -242,22 +277,37 @@ def merge_lora(model: nn.Module) -> nn.Module:
     lm_head with an adapter gets its own merged matrix (the embedding must not change), so the
     merged model is untied, and model.config is replaced by one that says so.
     """
-    dequantize_model(model)  # QLoRA: an NF4 weight cannot hold W + ΔW, so make the bases 16-bit first
+    # QLoRA: a 4-bit NF4 weight cannot hold W + ΔW, so every NF4 layer becomes a 16-bit
+    # nn.Linear first (nothing to do for a LoRA model). The one step here that knows NF4.
+    from quant import dequantize_model
+    dequantize_model(model)
     for name, layer in lora_layers(model).items():
         layer.merge()
         replace_module(model, name, layer.base)
     config = getattr(model, "config", None)
-    if config is not None and config.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
-        model.config = replace(config, tie_embeddings=False)
+    if config is not None and config.tie_embeddings:
+        if model.lm_head.weight is not model.embed_tokens.weight:  # the head's own merged matrix
+            model.config = replace(config, tie_embeddings=False)
     model.requires_grad_(True)  # an ordinary model again (apply_lora had frozen it)
     return model
 
 
+# ---------------------------------------------------------------- adapter files
+
+ADAPTER_TENSORS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# the fields of a model's config that an adapter's tensor shapes depend on
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden",
+                "vocab_size")
+
+
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only the adapter tensors, under our names: 'layers.0.attn.q_proj.lora_A', ...lora_B, ...magnitude."""
+    """Only the adapter tensors, under our names: 'layers.0.attn.q_proj.lora_A', ...lora_B,
+    ...magnitude."""
+    # recurse=False: the adapter's own tensors, not base.weight
     return {f"{name}.{p_name}": p.detach()
             for name, layer in lora_layers(model).items()
-            for p_name, p in layer.named_parameters(recurse=False)}  # recurse=False: not base.weight
+            for p_name, p in layer.named_parameters(recurse=False)}
 
 
 def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
@@ -269,7 +319,8 @@ def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
     if base_id:
         config["base_id"] = base_id
     save_safetensors(lora_state_dict(model), directory / ADAPTER_TENSORS, metadata={"format": "pt"})
-    write_json(directory / ADAPTER_CONFIG, config)  # written last: its presence means the save finished
+    # written last: its presence means the save finished
+    write_json(directory / ADAPTER_CONFIG, config)
 
 
 def _shape(config: dict) -> str:
@@ -283,31 +334,37 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise UserError(f"adapter directory not found: {directory}")
     for file in (ADAPTER_CONFIG, ADAPTER_TENSORS):
         if not (directory / file).is_file():
-            raise UserError(f"{directory}: no {file} (an adapter directory is written by save_adapter / train_sft.py)")
+            raise UserError(f"{directory}: no {file} (an adapter directory is written by "
+                            "save_adapter / train_sft.py)")
     try:
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
-        base, settings = config["base"], {k: config[k] for k in ("r", "alpha", "dropout", "rslora", "dora")}
+        base = config["base"]
+        settings = {k: config[k] for k in ("r", "alpha", "dropout", "rslora", "dora")}
         targets = config["targets"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{directory / ADAPTER_CONFIG}: not an adapter config ({type(e).__name__}: {e})") from None
+        raise UserError(f"{directory / ADAPTER_CONFIG}: not an adapter config "
+                        f"({type(e).__name__}: {e})") from None
     mine = asdict(model.config)
     if any(base.get(k) != mine[k] for k in SHAPE_FIELDS):
-        raise UserError(f"{directory}: the adapter was trained on a base model of shape {_shape(base)}, "
-                        f"but this model is {_shape(mine)}")
+        raise UserError(f"{directory}: the adapter was trained on a base model of shape "
+                        f"{_shape(base)}, but this model is {_shape(mine)}")
     from safetensors.torch import load_file
     try:
         tensors = load_file(directory / ADAPTER_TENSORS)
     except Exception as e:  # safetensors raises its own error types
-        raise UserError(f"{directory / ADAPTER_TENSORS}: not a readable safetensors file ({e})") from None
+        raise UserError(f"{directory / ADAPTER_TENSORS}: not a readable safetensors file "
+                        f"({e})") from None
     apply_lora(model, targets, **settings)
     expected = lora_state_dict(model)
     if set(tensors) != set(expected):
         diff = sorted(set(tensors) ^ set(expected))
-        raise UserError(f"{directory}: adapter tensors do not match its config ({len(diff)} differ, e.g. {diff[0]})")
+        raise UserError(f"{directory}: adapter tensors do not match its config "
+                        f"({len(diff)} differ, e.g. {diff[0]})")
     with torch.no_grad():
         for name, t in tensors.items():
             p = model.get_parameter(name)
             if p.shape != t.shape:
-                raise UserError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise UserError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, "
+                                f"expected {tuple(p.shape)}")
             p.copy_(t)
     return model

@@ -30,14 +30,17 @@ def estimate_memory(model, config) -> dict:
     # LoRA with dropout: each adapter keeps its own dropped copy of its input and the mask (a byte).
     per_layer += tokens * sum(m.base.in_features for m in lora_layers(model).values()
                               if m.dropout > 0) * (act_bytes + 1) // c.n_layers
-    if config.grad_ckpt:  # only each block's input survives, plus one block during its recomputation
+    # --grad-ckpt: only each block's input survives, plus one block during its recomputation
+    if config.grad_ckpt:
         activations = tokens * c.dim * act_bytes * c.n_layers + per_layer
     else:
         activations = per_layer * c.n_layers
-    if config.precision != "fp32":  # autocast's 16-bit copy of each float32 matrix, kept for backward
-        activations += sum(p.numel() * act_bytes for p in trainable if p.dim() >= 2 and p.element_size() == 4)
+    if config.precision != "fp32":  # autocast's 16-bit copy of each float32 matrix, for backward
+        float32_matrices = [p for p in trainable if p.dim() >= 2 and p.element_size() == 4]
+        activations += sum(p.numel() * act_bytes for p in float32_matrices)
     logit_rows = min(tokens, config.loss_chunk) if config.loss_chunk else tokens
-    logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes)  # fp32 logits, their grad, the matmul output
+    # float32 logits, their gradient, and the matmul's output in the compute dtype
+    logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes)
     estimate = dict(weights=weights, gradients=trainable_bytes, optimizer=2 * trainable_bytes,
                     activations=activations, logits=logits)
     estimate = {kind: size / 2**30 for kind, size in estimate.items()}
@@ -56,7 +59,9 @@ def memory_line(estimate: dict, device: str) -> str:
 
 def peak_gib(config) -> float | None:
     """The GPU's peak allocated memory so far (None on a CPU, where nothing measures it alone)."""
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.device.startswith("cuda") else None
+    if not config.device.startswith("cuda"):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def peak_memory_line(estimate: dict, device: str) -> str:

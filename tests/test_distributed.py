@@ -14,15 +14,17 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, shared_path
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
 
 
 def train(out, *args, ranks=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 \
-        else [sys.executable]
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, str(ROOT / "train_sft.py"), "--out", str(out), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    command = [*launcher, str(ROOT / "train_sft.py"), "--out", str(out), *map(str, args)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     # on failure, show what the ranks said (torchrun's own summary comes last and hides it)
     rank_lines = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
     assert proc.returncode == 0, (rank_lines or proc.stderr)[-4000:]
@@ -30,7 +32,8 @@ def train(out, *args, ranks=1):
 
 
 def losses(out):
-    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [row["loss"] for row in rows if "loss" in row]
 
 
 def assert_same_tensors(a: dict, b: dict, tol: float):
@@ -40,14 +43,16 @@ def assert_same_tensors(a: dict, b: dict, tol: float):
 
 
 def lora_args(*extra):
-    return ["--checkpoint", shared_path("models", "stories260K"), "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+    return ["--checkpoint", shared_path("models", "stories260K"),
+            "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
             "--val-split", 0, "--seq-len", 128, "--batch-size", 2, "--save-every", 2, *extra]
 
 
 def test_two_ranks_train_what_one_process_trains(tmp_path):
     """LoRA on the real stories260K, and full fine-tuning of the demo model."""
+    full_args = ["--val-split", 0, "--batch-size", 4, "--max-steps", 4, "--save-every", 2]
     for name, args in (("lora", lora_args("--max-steps", 4, "--lora-dropout", 0)),
-                       ("full", ["--val-split", 0, "--batch-size", 4, "--max-steps", 4, "--save-every", 2])):
+                       ("full", full_args)):
         one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
         train(one, *args, "--grad-accum", 2)
         log = train(two, *args, "--grad-accum", 1, ranks=2).stdout
@@ -69,6 +74,7 @@ def test_a_checkpoint_of_two_ranks_resumes_exactly(tmp_path):
     assert_same_tensors(load_file(straight / "adapter/adapter.safetensors"),
                         load_file(resumed / "adapter/adapter.safetensors"), tol=0.0)
     # and resuming with another number of ranks is refused, naming the setting
-    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--out", str(resumed), *map(str, args),
-                           "--max-steps", "6", "--resume"], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / "train_sft.py"), "--out", str(resumed), *map(str, args),
+               "--max-steps", "6", "--resume"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "world_size 2 → 1" in proc.stderr

@@ -10,9 +10,10 @@ from model import IGNORE_INDEX, ModelConfig, Transformer
 
 
 def tiny_model(seed=0):
-    m = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=300))
-    m.init_weights(generator=torch.Generator().manual_seed(seed))
-    return m.train()
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=300)
+    model = Transformer(config)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model.train()
 
 
 def batch(seed=1, B=2, S=48):
@@ -54,11 +55,14 @@ def test_packed_rows_give_the_loss_of_separate_rows():
     model = tiny_model()
     a, la = batch(seed=2, B=1, S=20)
     b, lb = batch(seed=3, B=1, S=28)
-    packed, packed_labels = torch.cat([a, b], 1), torch.cat([la, lb], 1)
+    packed = torch.cat([a, b], 1)
+    packed_labels = torch.cat([la, lb], 1)
     doc_ids = torch.tensor([[0] * 20 + [1] * 28])
     positions = torch.cat([torch.arange(20), torch.arange(28)])[None]
     with torch.no_grad():
         separate = model.loss(a, la) + model.loss(b, lb)
-        together = model.loss(packed, packed_labels, positions=positions, doc_ids=doc_ids, chunk_size=16)
-    # labels[0] of each example is IGNORE_INDEX (data.py guarantees it), so nothing crosses the boundary
+        together = model.loss(packed, packed_labels, positions=positions, doc_ids=doc_ids,
+                              chunk_size=16)
+    # labels[0] of each example is IGNORE_INDEX (data.py guarantees it): nothing crosses the
+    # boundary
     assert abs(together.item() - separate.item()) <= 1e-5 * separate.item()

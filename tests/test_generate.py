@@ -1,5 +1,6 @@
 """Sampling and decoding: sample_next's filters, generate() on the real stories260K model against
-llama2.c's greedy output, and the command line (text on stdout, diagnostics and errors on stderr)."""
+llama2.c's greedy output, and the command line (text on stdout, diagnostics and errors on
+stderr)."""
 import re
 import shutil
 import subprocess
@@ -19,23 +20,26 @@ from model import ModelConfig, Transformer
 from tokenizer import ByteTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
-                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
-STORY = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red "
-         "ball. She wanted to play with it, but it was too high.\nLily's mom said, \"Lily, let's go to the park.\" "
-         "Lily was sad and didn't know what to do.")
+STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338,
+                  401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
+STORY = (", there was a little girl named Lily. She loved to play outside in the park. One day, "
+         "she saw a big, red ball. She wanted to play with it, but it was too high.\nLily's mom "
+         "said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do.")
 # SmolLM2-135M-Instruct (Q4_1 GGUF) answering with --template chatml, greedy, float32: the text
-# transformers 5.24 printed for the same file and prompt (AutoModelForCausalLM.from_pretrained(...,
-# gguf_file=..., dtype=float32).generate(apply_chat_template(...), do_sample=False, max_new_tokens=64)),
+# transformers 5.24 printed for the same file and prompt
+# (AutoModelForCausalLM.from_pretrained(..., gguf_file=..., dtype=float32)
+#  .generate(apply_chat_template(...), do_sample=False, max_new_tokens=64)),
 # up to <|im_end|>. Ours must print exactly this.
 SMOLLM2_GREEDY = {
     "What is the capital of France?": "The capital of France is Paris.",
-    "Write a haiku about the sea.": ("The waves of the sea, a silent beauty,\nA gentle lapping of the shore,\n"
-                                     "A reminder of the beauty that lies beneath,\nA reminder of the ocean's power."),
+    "Write a haiku about the sea.": (
+        "The waves of the sea, a silent beauty,\nA gentle lapping of the shore,\n"
+        "A reminder of the beauty that lies beneath,\nA reminder of the ocean's power."),
     "Give three tips for staying healthy.": (
-        "1. Stay hydrated: Drink plenty of water, and avoid sugary drinks.\n2. Eat a balanced diet: A balanced "
-        "diet provides the body with the right amount of nutrients to function optimally.\n3. Get enough sleep: "
-        "Aim for 7-8 hours of sleep each night to support your body's natural healing"),
+        "1. Stay hydrated: Drink plenty of water, and avoid sugary drinks.\n2. Eat a balanced "
+        "diet: A balanced diet provides the body with the right amount of nutrients to function "
+        "optimally.\n3. Get enough sleep: Aim for 7-8 hours of sleep each night to support your "
+        "body's natural healing"),
 }
 
 
@@ -55,7 +59,8 @@ def test_temperature_zero_is_argmax():
 
 def test_sampling_is_seeded_and_spreads():
     logits = torch.zeros(10)
-    a, b = _draws(logits, temperature=1.0, top_k=None, top_p=None), _draws(logits, temperature=1.0, top_k=None, top_p=None)
+    a = _draws(logits, temperature=1.0, top_k=None, top_p=None)
+    b = _draws(logits, temperature=1.0, top_k=None, top_p=None)
     assert a == b
     assert a != _draws(logits, seed=1, temperature=1.0, top_k=None, top_p=None)
     assert set(a) == set(range(10))  # uniform logits: every token drawn in 300 tries
@@ -63,11 +68,13 @@ def test_sampling_is_seeded_and_spreads():
 
 def test_top_k_keeps_only_the_k_best():
     logits = torch.tensor([1.0, 5.0, 2.0, 4.5, 0.5, 4.0, 3.0, -1.0])
-    drawn = Counter(_draws(logits, temperature=5.0, top_k=3, top_p=None))  # hot: without top-k all 8 would show
+    # hot: without top-k all 8 would show
+    drawn = Counter(_draws(logits, temperature=5.0, top_k=3, top_p=None))
     assert set(drawn) == {1, 3, 5}
     assert set(_draws(logits, temperature=5.0, top_k=None, top_p=None)) == set(range(8))
     assert set(_draws(logits, temperature=5.0, top_k=1, top_p=None, n=20)) == {1}
-    assert set(_draws(logits, temperature=3.0, top_k=100, top_p=None)) == set(range(8))  # k > vocab: no-op
+    # k > vocab: no-op
+    assert set(_draws(logits, temperature=3.0, top_k=100, top_p=None)) == set(range(8))
 
 
 def test_top_p_keeps_the_nucleus():
@@ -76,9 +83,11 @@ def test_top_p_keeps_the_nucleus():
     # sorted: 0.5, 0.3 (cumulative 0.8 ≥ 0.7) -> tokens 1 and 3 only
     assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.7)) == {1, 3}
     assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.85)) == {1, 3, 2}
-    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.3, n=50)) == {1}  # the first always stays
+    # the first always stays
+    assert set(_draws(logits, temperature=1.0, top_k=None, top_p=0.3, n=50)) == {1}
     assert set(_draws(logits, temperature=1.0, top_k=None, top_p=1.0, n=2000)) == {0, 1, 2, 3, 4}
-    assert set(_draws(logits, temperature=1.0, top_k=2, top_p=0.95)) == {1, 3}  # both filters
+    # both filters
+    assert set(_draws(logits, temperature=1.0, top_k=2, top_p=0.95)) == {1, 3}
 
 
 def test_temperature_sharpens():
@@ -103,7 +112,8 @@ def test_generate_greedy_reproduces_llama2c(stories):
     assert prompt == [1, 403, 407, 261, 378]
     out = list(generate(model, tok, prompt, max_new_tokens=28, temperature=0.0))
     assert out == STORIES_GREEDY[4:]
-    assert tok.decode(out).startswith(", there was a little girl named Lily. She loved to play outside in the park.")
+    story_start = ", there was a little girl named Lily. She loved to play outside in the park."
+    assert tok.decode(out).startswith(story_start)
     # from BOS alone the same 32 tokens
     assert list(generate(model, tok, [1], max_new_tokens=32, temperature=0.0)) == STORIES_GREEDY
 
@@ -118,8 +128,9 @@ def test_generate_stops_and_limits(stories):
 
     prompt = [1, 403, 407, 261, 378]
     assert STORIES_GREEDY[10] not in STORIES_GREEDY[4:10]
-    assert list(generate(model, StopAt(STORIES_GREEDY[10]), prompt, max_new_tokens=50, temperature=0.0)) == \
-           STORIES_GREEDY[4:10]  # the stop token itself is not yielded
+    stopped = generate(model, StopAt(STORIES_GREEDY[10]), prompt, max_new_tokens=50,
+                       temperature=0.0)
+    assert list(stopped) == STORIES_GREEDY[4:10]  # the stop token itself is not yielded
     assert len(list(generate(model, tok, prompt, max_new_tokens=3, temperature=0.0))) == 3
     model.train()
     sampled = list(generate(model, tok, prompt, max_new_tokens=20, temperature=1.0, top_k=10,
@@ -133,21 +144,24 @@ def test_generate_stops_and_limits(stories):
 def test_smollm2_greedy_answers_as_transformers_does(prompt, smollm2, smollm2_model):
     from data import encode_prompt, get_template
     ids = encode_prompt(prompt, smollm2, get_template("chatml"))
-    answer = smollm2.decode(list(generate(smollm2_model, smollm2, ids, max_new_tokens=64, temperature=0.0)))
+    answer_ids = generate(smollm2_model, smollm2, ids, max_new_tokens=64, temperature=0.0)
+    answer = smollm2.decode(list(answer_ids))
     assert answer == SMOLLM2_GREEDY[prompt]
 
 
 def test_generate_context_limits():
-    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64, vocab_size=16,
-                                    max_seq_len=8))
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64,
+                                    vocab_size=16, max_seq_len=8))
     model.init_weights(generator=torch.Generator().manual_seed(0))
 
     class Tok:
         stop_ids = set()
         vocab_size = 16
 
-    # context 8: the last token is predicted at position 7 from a full cache, so 3 + 6 tokens come out
-    assert len(list(generate(model, Tok(), [1, 2, 3], max_new_tokens=100, temperature=0.0))) == 6
+    # context 8: the last token is predicted at position 7 from a full cache, so 3 + 6 tokens
+    # come out
+    out = generate(model, Tok(), [1, 2, 3], max_new_tokens=100, temperature=0.0)
+    assert len(list(out)) == 6
     with pytest.raises(UserError, match="prompt has 8 tokens; the model's context is 8"):
         list(generate(model, Tok(), list(range(8)), max_new_tokens=4))
 
@@ -155,7 +169,8 @@ def test_generate_context_limits():
 # ---------------------------------------------------------------- the command line
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_cli_greedy_story():
@@ -188,7 +203,8 @@ def test_cli_error_is_one_line():
 # ---------------------------------------------------------------- one line for every mistake
 
 def _main(argv, capsys):
-    """generate.py's main as the command line runs it, in-process: (exit status, stdout, stderr)."""
+    """generate.py's main as the command line runs it, in-process: (exit status, stdout,
+    stderr)."""
     capsys.readouterr()
     try:
         run_cli(generate_main, [str(a) for a in argv])
@@ -229,7 +245,8 @@ def test_generate_refuses_zero_new_tokens(stories):
 
 def help_blocks(text: str) -> dict:
     """{flag: its lines in --help}: a block starts at a line '  --flag ...'."""
-    blocks, flag = {}, None
+    blocks = {}
+    flag = None  # the flag whose block is being read
     for line in text.splitlines():
         if line.startswith("  -"):
             flag = line.split()[0].split(",")[0]
@@ -291,7 +308,8 @@ def test_checkpoint_is_a_full_fine_tuning_run(runs, capsys):
 
 
 def test_checkpoint_is_a_lora_run(runs, capsys):
-    run, stories = runs / "lora", shared_path("models", "stories260K")
+    run = runs / "lora"
+    stories = shared_path("models", "stories260K")
     argv = ["--prompt", "Once upon a time", "--temperature", 0, "--max-new-tokens", 12]
     code, out, err = _main(["--checkpoint", run, *argv], capsys)
     assert code == 0, err

@@ -10,12 +10,14 @@ import torch.nn as nn
 from checkpoint import load_checkpoint, save_hf_checkpoint
 from errors import UserError
 from export import export_hf, export_peft
-from lora import (LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers, lora_settings,
-                  lora_state_dict, merge_lora, parse_targets, save_adapter)
+from lora import (LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
+                  lora_settings, lora_state_dict, merge_lora, parse_targets, save_adapter)
 from model import ModelConfig, Transformer
+from projections import is_target, replace_module
 
 TINY = ModelConfig.from_name("tiny")  # dim 64, 4 heads, 2 kv heads, untied
-GQA_TIED = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=128, tie_embeddings=True)
+GQA_TIED = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=128,
+                       tie_embeddings=True)
 CONFIGS = {"tiny": TINY, "gqa_tied": GQA_TIED}
 
 
@@ -58,10 +60,21 @@ def test_parse_targets():
     assert parse_targets(" Q , v ,q") == ["q", "v"]
     assert parse_targets("all") == ["q", "k", "v", "o", "gate", "up", "down"]
     assert parse_targets("all,head") == ["q", "k", "v", "o", "gate", "up", "down", "head"]
-    with pytest.raises(UserError, match="unknown LoRA target 'qkv'.*valid: q, k, v, o, gate, up, down, head"):
+    valid = "valid: q, k, v, o, gate, up, down, head"
+    with pytest.raises(UserError, match=f"unknown LoRA target 'qkv'.*{valid}"):
         parse_targets("q,qkv")
     with pytest.raises(UserError, match="no LoRA targets"):
         parse_targets(" , ")
+
+
+def test_module_paths():
+    assert is_target("layers.3.attn.q_proj", ["mlp.up_proj", "attn.q_proj"])
+    assert is_target("lm_head", ["lm_head"])
+    assert not is_target("layers.3.xattn.q_proj", ["attn.q_proj"])  # whole names only
+    assert not is_target("layers.3.attn", ["attn.q_proj"])
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 3)))
+    replace_module(model, "1.0", nn.Identity())
+    assert isinstance(model[1][0], nn.Identity)
 
 
 def test_scale_rslora():
@@ -95,17 +108,22 @@ def test_fresh_adapter_changes_nothing(name, dora):
 
 
 def test_only_lora_trains():
-    config, r = TINY, 4
+    config = TINY
+    r = 4
     model = apply_lora(base_model(config), "q,v,down,head", r=r, alpha=8)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    d, kv, h = config.dim, config.n_kv_heads * config.head_dim, config.ffn_hidden
+    d = config.dim
+    kv = config.n_kv_heads * config.head_dim
+    h = config.ffn_hidden
     per_layer = r * (d + d) + r * (d + kv) + r * (h + d)  # q, v, down: r·(in + out) each
     trainable, total = count_parameters(model)
     assert trainable == config.n_layers * per_layer + r * (d + config.vocab_size)
     assert total == sum(p.numel() for p in base_model(config).parameters()) + trainable
-    assert lora_settings(model) == {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q", "v", "down", "head"],
+    assert lora_settings(model) == {"r": 4, "alpha": 8, "dropout": 0.0,
+                                    "targets": ["q", "v", "down", "head"],
                                     "rslora": False, "dora": False}
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names == set(lora_state_dict(model))
 
     tokens = tokens_for(config)
     model.train()
@@ -140,7 +158,8 @@ def test_merge_unmerge(name, dora):
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(base_model(config).state_dict())
     assert torch.allclose(logits(merged, config), unmerged, atol=1e-5)
-    assert torch.equal(merged.embed_tokens.weight, embedding)  # a tied head's update stays out of the embedding
+    # a tied head's update stays out of the embedding
+    assert torch.equal(merged.embed_tokens.weight, embedding)
     assert all(p.requires_grad for p in merged.parameters())
 
 
@@ -164,8 +183,8 @@ def test_adapter_roundtrip(tmp_path, dora):
 def test_adapter_errors(tmp_path):
     model = apply_lora(base_model(TINY), "q,v", r=4, alpha=8)
     save_adapter(model, tmp_path / "adapter")
-    with pytest.raises(UserError, match=r"shape dim=64 .*ffn_hidden=172 vocab_size=512, but this model is "
-                                        r"dim=64 .*ffn_hidden=96 vocab_size=128"):
+    with pytest.raises(UserError, match=r"shape dim=64 .*ffn_hidden=172 vocab_size=512, but "
+                                        r"this model is dim=64 .*ffn_hidden=96 vocab_size=128"):
         load_adapter(base_model(GQA_TIED), tmp_path / "adapter")
     with pytest.raises(UserError, match="adapter directory not found"):
         load_adapter(base_model(TINY), tmp_path / "nowhere")
@@ -176,7 +195,7 @@ def test_adapter_errors(tmp_path):
         apply_lora(model, "k")
 
 
-# ---------------------------------------------------------------- exports (transformers / peft as oracles)
+# ---------------------------------------------------------------- HF and PEFT exports (oracles)
 
 def hf_logits(hf_model, config):
     with torch.no_grad():
@@ -202,14 +221,15 @@ def test_export_hf(tmp_path, name, targets):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-@pytest.mark.parametrize("name,targets", [("tiny", "all"), ("gqa_tied", "q,k,v,head")])  # tied head too
+@pytest.mark.parametrize("name,targets", [("tiny", "all"), ("gqa_tied", "q,k,v,head")])  # tied head
 def test_export_peft(tmp_path, name, targets, dora):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     config = CONFIGS[name]
     base = base_model(config)
-    save_hf_checkpoint(base, tmp_path / "base")  # before LoRA: the base PEFT will load the adapter onto
-    model = lora_model(config, targets=targets, dora=dora, rslora=dora)  # lora_model rebuilds the same base
+    # before LoRA: the base PEFT will load the adapter onto (lora_model rebuilds the same base)
+    save_hf_checkpoint(base, tmp_path / "base")
+    model = lora_model(config, targets=targets, dora=dora, rslora=dora)
     export_peft(model, tmp_path / "peft", base_model_name_or_path="random-tiny")
 
     hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -218,5 +238,6 @@ def test_export_peft(tmp_path, name, targets, dora):
     with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
-    assert ("base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector" in keys) is dora
+    magnitude = "base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector"
+    assert (magnitude in keys) is dora
     assert torch.allclose(hf_logits(hf, config), logits(model, config), atol=1e-4)

@@ -1,17 +1,20 @@
-"""memory.py's estimate against the peaks measured on an H100 (bench.py and train_sft.py runs of
-README: Performance and "Run it for real"): within ±25% for LoRA, QLoRA and full fine-tuning,
-with and without activation checkpointing. The models are built on the meta device: no memory."""
+"""memory.py's estimate against the peaks measured on an H100 (bench.py and train_sft.py runs
+of README: Performance and "Run it for real"): within ±25% for LoRA, QLoRA and full
+fine-tuning, with and without activation checkpointing. The models are built on the meta
+device: no memory."""
 import pytest
 import torch
 
 from lora import apply_lora
 from memory import estimate_memory
 from model import ModelConfig, Transformer
-from quant import DEFAULT_TARGETS, NF4Linear, replace_module
+from projections import is_target, replace_module
+from quant import DEFAULT_TARGETS, NF4Linear
 from train_sft import DEMO_CONFIG, TrainConfig
 
-SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536, vocab_size=49152,
-                      rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True)
+SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
+                      vocab_size=49152, rope_theta=100000.0, max_seq_len=8192,
+                      tie_embeddings=True)
 # (shape, method, batch, seq, grad_ckpt, LoRA dropout, pure bf16, measured peak GiB). bench.py rows:
 # --compile, LoRA r=16 on all seven projections, no dropout. SmolLM2 rows: train_sft.py, eager,
 # dropout 0.05, batch 8 of Alpaca records whose widest batch is 471 tokens.
@@ -43,8 +46,9 @@ def meta_model(shape, method, dropout, pure_bf16):
             model = Transformer(config)
             if method == "qlora":
                 for name, module in list(model.named_modules()):
-                    if name.endswith(DEFAULT_TARGETS):
-                        replace_module(model, name, NF4Linear.from_weight(torch.empty(module.weight.shape)))
+                    if is_target(name, DEFAULT_TARGETS):
+                        weight = torch.empty(module.weight.shape)
+                        replace_module(model, name, NF4Linear.from_weight(weight))
             if method != "full":
                 apply_lora(model, "all", r=16, alpha=32, dropout=dropout)
     finally:
@@ -53,18 +57,19 @@ def meta_model(shape, method, dropout, pure_bf16):
 
 
 @pytest.mark.parametrize("shape,method,batch,seq,ckpt,dropout,pure_bf16,measured", MEASURED)
-def test_estimate_within_a_quarter_of_the_measured_peak(shape, method, batch, seq, ckpt, dropout, pure_bf16,
-                                                        measured):
+def test_estimate_within_a_quarter_of_the_measured_peak(shape, method, batch, seq, ckpt, dropout,
+                                                        pure_bf16, measured):
     model = meta_model(shape, method, dropout, pure_bf16)
-    settings = TrainConfig(method=method, batch_size=batch, seq_len=seq, grad_ckpt=ckpt, precision="bf16",
-                           loss_chunk=1024)
+    settings = TrainConfig(method=method, batch_size=batch, seq_len=seq, grad_ckpt=ckpt,
+                           precision="bf16", loss_chunk=1024)
     estimate = estimate_memory(model, settings)["total"]
-    assert 0.75 <= estimate / measured <= 1.25, f"estimate {estimate:.2f} GiB, measured {measured} GiB"
+    assert 0.75 <= estimate / measured <= 1.25, (f"estimate {estimate:.2f} GiB, "
+                                                 f"measured {measured} GiB")
 
 
 def memory(model, batch_size=4, grad_ckpt=False, precision="fp32"):
-    config = TrainConfig(batch_size=batch_size, seq_len=256, precision=precision, grad_ckpt=grad_ckpt,
-                                   loss_chunk=4096)
+    config = TrainConfig(batch_size=batch_size, seq_len=256, precision=precision,
+                         grad_ckpt=grad_ckpt, loss_chunk=4096)
     return estimate_memory(model, config)
 
 
@@ -74,17 +79,21 @@ def test_estimate_memory():
     est = memory(model)
     assert set(est) == {"weights", "gradients", "optimizer", "activations", "logits", "total"}
     assert all(v > 0 for v in est.values())
-    assert est["weights"] == est["gradients"] == n * 4 / 2**30 and est["optimizer"] == 2 * est["weights"]
+    assert est["weights"] == est["gradients"] == n * 4 / 2**30
+    assert est["optimizer"] == 2 * est["weights"]
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
     bigger = memory(model, batch_size=8)
-    assert bigger["activations"] == pytest.approx(2 * est["activations"]) and bigger["total"] > est["total"]
+    assert bigger["activations"] == pytest.approx(2 * est["activations"])
+    assert bigger["total"] > est["total"]
     assert bigger["weights"] == est["weights"]
     ckpt = memory(model, grad_ckpt=True)
     assert ckpt["activations"] < est["activations"] / 2 and ckpt["total"] < est["total"]
-    bf16 = memory(model, precision="bf16")  # half the bytes, plus autocast's bf16 copy of each matrix
+    # half the bytes, plus autocast's bf16 copy of each matrix
+    bf16 = memory(model, precision="bf16")
     matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     assert bf16["activations"] == pytest.approx(est["activations"] / 2 + matrices * 2 / 2**30)
     torch.manual_seed(0)
     apply_lora(model, "q,v", r=4)  # LoRA: gradients and AdamW moments only for the adapters
     lora = memory(model)
-    assert 0 < lora["gradients"] < est["gradients"] / 10 and lora["optimizer"] == 2 * lora["gradients"]
+    assert 0 < lora["gradients"] < est["gradients"] / 10
+    assert lora["optimizer"] == 2 * lora["gradients"]
