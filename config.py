@@ -70,7 +70,7 @@ class TrainConfig:
 
 # The demo trains a small random model from scratch on examples/alpaca_demo.json in about a minute
 # on a laptop CPU: it shows the whole pipeline, not a useful model.
-DEMO = dict(data=str(DEMO_DATA.relative_to(ROOT)), method="full", lr=2e-3, epochs=40.0, seq_len=256,
+DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100)
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
