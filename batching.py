@@ -1,6 +1,7 @@
 """Encoded examples → batches: padded and grouped by length, or packed with document masks.
 
-    [(input_ids, labels), ...] ─► make_batches ─► [{"tokens", "labels", "positions", "doc_ids", "lengths"}, ...]
+    [(input_ids, labels), ...]
+      ─► make_batches ─► [{"tokens", "labels", "positions", "doc_ids", "lengths"}, ...]
 
 Padding wastes compute on tokens that are not there; grouping examples of similar length wastes
 less, and packing several examples into each row wastes almost none, at the price of a
@@ -14,8 +15,9 @@ import torch
 from model import IGNORE_INDEX
 
 
-def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: int, packing: bool = False,
-                 group_by_length: bool = True, shuffle: bool = True, seed: int = 0, epoch: int = 0) -> list[dict]:
+def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: int,
+                 packing: bool = False, group_by_length: bool = True, shuffle: bool = True,
+                 seed: int = 0, epoch: int = 0) -> list[dict]:
     """One epoch of batches, the same for the same (seed, epoch), so a run resumes by batch index.
 
     Padding (default): each example is a row, right-padded to the longest in its batch. Causal
@@ -40,15 +42,20 @@ def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: i
     else:
         if group_by_length:
             chunk = 50 * batch_size
-            order = [i for s in range(0, len(order), chunk)
-                     for i in sorted(order[s:s + chunk], key=lambda i: -lengths[i])]
-        rows = [[i] for i in order]
-    groups = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+            order = [index for start in range(0, len(order), chunk)
+                     for index in sorted(order[start:start + chunk], key=lambda i: -lengths[i])]
+        rows = [[index] for index in order]
+    groups = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     if shuffle and group_by_length and not packing:
         rng.shuffle(groups)
         longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0][0]])
-        groups.insert(0, groups.pop(longest))  # longest batch first: running out of memory shows at step 1
-    return [collate([[examples[i] for i in row] for row in group], pad_id, packed=packing) for group in groups]
+        # the longest batch first: running out of memory shows at step 1
+        groups.insert(0, groups.pop(longest))
+    batches = []
+    for group in groups:
+        example_rows = [[examples[index] for index in row] for row in group]
+        batches.append(collate(example_rows, pad_id, packed=packing))
+    return batches
 
 
 def pack_rows(order: list[int], lengths: list[int], max_len: int) -> list[list[int]]:
@@ -69,8 +76,9 @@ def pack_rows(order: list[int], lengths: list[int], max_len: int) -> list[list[i
 
 
 def collate(rows: list[list[tuple]], pad_id: int, packed: bool) -> dict:
-    """Rows of (input_ids, labels) examples → padded tensors. Packed: positions restart and doc ids
-    count up per example; the padding is a document of its own, so it never attends into real tokens."""
+    """Rows of (input_ids, labels) examples → padded tensors. Packed: positions restart and doc
+    ids count up per example; the padding is a document of its own, so it never attends into real
+    tokens."""
     width = max(sum(len(ids) for ids, _ in row) for row in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
@@ -91,7 +99,9 @@ def collate(rows: list[list[tuple]], pad_id: int, packed: bool) -> dict:
 
 def batch_efficiency(batches: list[dict]) -> float:
     """Share of the batch tensors' positions holding real tokens rather than padding."""
-    return sum(int(b["lengths"].sum()) for b in batches) / max(1, sum(b["tokens"].numel() for b in batches))
+    real_tokens = sum(int(batch["lengths"].sum()) for batch in batches)
+    positions = sum(batch["tokens"].numel() for batch in batches)
+    return real_tokens / max(1, positions)
 
 
 class StepBatches:
@@ -102,8 +112,12 @@ class StepBatches:
     resumed at step k continues exactly where it stopped."""
 
     def __init__(self, examples: list, batch_size: int, per_step: int, **options):
-        self.examples, self.batch_size, self.per_step, self.options = examples, batch_size, per_step, options
-        self.epoch, self.batches = 0, make_batches(examples, batch_size, epoch=0, **options)
+        self.examples = examples
+        self.batch_size = batch_size
+        self.per_step = per_step
+        self.options = options
+        self.epoch = 0
+        self.batches = make_batches(examples, batch_size, epoch=0, **options)
         self.per_epoch = len(self.batches)
 
     def for_step(self, step: int) -> list[dict]:
@@ -113,5 +127,7 @@ class StepBatches:
     def micro_batch(self, i: int) -> dict:
         epoch, index = divmod(i, self.per_epoch)
         if epoch != self.epoch:  # a new epoch: its own shuffle (only one epoch is kept in memory)
-            self.epoch, self.batches = epoch, make_batches(self.examples, self.batch_size, epoch=epoch, **self.options)
+            self.epoch = epoch
+            self.batches = make_batches(self.examples, self.batch_size, epoch=epoch,
+                                        **self.options)
         return self.batches[index]

@@ -35,6 +35,7 @@ from generate import generate
 from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer
+from records import load_records, split_train_val
 from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
@@ -236,11 +237,11 @@ def load_data(config: TrainConfig, tokenizer, model, log):
         log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; using "
                 f"{model.config.max_seq_len}")
         config = replace(config, seq_len=model.config.max_seq_len)
-    records = data.load_records(config.data)
+    records = load_records(config.data)
     if config.val_data:
-        train_records, val_records = records, data.load_records(config.val_data)
+        train_records, val_records = records, load_records(config.val_data)
     else:
-        train_records, val_records = data.split_train_val(records, config.val_split, seed=config.seed)
+        train_records, val_records = split_train_val(records, config.val_split, seed=config.seed)
     template = data.get_template(config.template)
     train_examples, stats = data.encode_dataset(train_records, tokenizer, template, config.seq_len,
                                                 config.train_on_prompt, source=config.data)

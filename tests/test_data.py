@@ -1,4 +1,6 @@
-"""data.py: records, templates, the loss mask, batches. Real tokenizers and data from ../shared."""
+"""records.py, data.py and batching.py: records, templates, the loss mask, batches. Real
+tokenizers and data from ../shared."""
+import doctest
 import json
 import re
 import subprocess
@@ -9,17 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, shared_path
+import data
 from batching import batch_efficiency, make_batches
-from data import (PROMPT_DICT, TEMPLATES, default_system_prompt, encode_dataset, encode_example, encode_prompt,
-                  format_example, get_template, load_records, main, percentile, split_train_val)
+from data import (PROMPT_DICT, TEMPLATES, default_system_prompt, encode_dataset, encode_example,
+                  encode_prompt, format_example, get_template, main, percentile)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
+from records import load_records, split_train_val
 from tokenizer import ByteTokenizer
 
 ALPACA = TEMPLATES["alpaca"]
 LLAMA_TEMPLATES = [name for name in TEMPLATES if name != "chatml"]  # chatml needs <|im_start|>: see below
-
-
 
 
 def split(ids, labels):
@@ -31,6 +33,21 @@ def split(ids, labels):
 
 
 # ── Templates and the mask ─────────────────────────────────────────────────────────────────────
+
+def test_the_worked_example_at_the_top_of_data_py_is_real(monkeypatch):
+    """encode_example's docstring shows one Alpaca record's real ids and labels: run it, so that
+    the lesson a reader meets first can never drift from the code."""
+    shared_path("models", "llama2-tokenizer", "tokenizer.model")
+    monkeypatch.chdir(ROOT)  # the example names the tokenizer as ../shared/... from the repository
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    report = []
+    attempted = 0
+    for test in doctest.DocTestFinder().find(data):
+        failed, tried = runner.run(test, out=report.append)
+        assert failed == 0, "".join(report)
+        attempted += tried
+    assert attempted >= 7
+
 
 def test_alpaca_template_is_stanford_text():
     assert PROMPT_DICT["prompt_input"] == (
@@ -532,8 +549,45 @@ def test_other_user_errors(tmp_path):
         load_records(shared_path("data", "seed_tasks.jsonl"))  # the seed tasks keep outputs in "instances"
     with pytest.raises(UserError, match="unknown template 'vicuna'; known: alpaca, llama2-chat, llama3-chat, chatml, none"):
         get_template("vicuna")
-    with pytest.raises(UserError, match="unknown template"):
+    with pytest.raises(UserError, match="argument --template: invalid choice: 'vicuna'"):
         main(["--data", str(tmp_path / "x.json"), "--tokenizer", "x", "--template", "vicuna"])
+
+
+def cli_argv(*flags):
+    return ["--data", "examples/alpaca_demo.json", "--tokenizer", "x", *flags]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seq-len", "0"], "argument --seq-len: must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--seq-len", "many"], "argument --seq-len: must be an integer >= 1, got 'many'"),
+    (["--show", "-1"], "argument --show: must be an integer >= 0, got -1"),
+    (["--template", "chat"], "argument --template: invalid choice: 'chat' (choose from 'alpaca', "
+                             "'llama2-chat', 'llama3-chat', 'chatml', 'none')"),
+])
+def test_cli_bad_flags_are_one_line_errors(flags, message):
+    with pytest.raises(UserError) as error:
+        main(cli_argv(*flags))
+    assert str(error.value) == message
+
+
+def test_cli_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--help"])
+    assert exit_status.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal
+    for expected in ["{alpaca,llama2-chat,llama3-chat,chatml,none}", "prompt format (default: alpaca)",
+                     "truncated (default: 512)", "to print (default: 3)", "statistics (default: 8)",
+                     "prompt tokens (default: off)", "python data.py --data"]:
+        assert expected in help_text
+
+
+def test_cli_show_0_prints_only_the_statistics(capsys, monkeypatch):
+    tokenizer = str(shared_path("models", "llama2-tokenizer", "tokenizer.model"))
+    monkeypatch.chdir(ROOT)
+    main(["--data", "examples/alpaca_demo.json", "--tokenizer", tokenizer, "--show", "0"])
+    out = capsys.readouterr().out
+    assert "example" not in out and out.startswith("records 40: kept 40")
 
 
 def test_format_example_marks_targets(llama2):
@@ -557,3 +611,7 @@ def test_cli(tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == f"error: {bad}: record 2: missing key 'output' (Alpaca records need 'instruction' and " \
                          "'output'; chat records need 'messages')\n"
+    run = subprocess.run([sys.executable, "data.py", "--data", str(bad), "--tokenizer", tokenizer,
+                          "--seq-len", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == ""  # a one-line error, not a traceback
+    assert run.stderr == "error: argument --seq-len: must be an integer >= 1, got 0\n"
