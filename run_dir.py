@@ -416,6 +416,13 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
 
 # ---------------------------------------------------------------- metrics.jsonl and loss.png
 
+def record_effective(out: Path, changed: dict):
+    """Settings the run had to change (--seq-len beyond the model's context, --warmup-steps longer
+    than the run), as config.json's "effective": the given values stay where --resume compares."""
+    config = json.loads((out / CONFIG).read_text())
+    write_json(out / CONFIG, {**config, "effective": changed})
+
+
 def log_metrics(out: Path, row: dict):
     with open(out / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -36,7 +36,8 @@ from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_a
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer
 from records import load_records, split_train_val
-from run_dir import drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, save_state
+from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, record_effective,
+                     save_state)
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -50,7 +51,11 @@ def main(argv=None):
     stop_on_sigterm()
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, log)
+    given = config
     config, batches, val_batches, sample_prompt = load_data(config, tokenizer, model, log)
+    changed = {k: getattr(config, k) for k in ("seq_len", "warmup_steps") if getattr(config, k) != getattr(given, k)}
+    if changed and log.speaks:  # said in a note by load_data; recorded beside the given values
+        record_effective(out, changed)
     if dist:
         dist.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks

@@ -523,3 +523,25 @@ def test_smollm2_lora_sft_and_hf_export(tmp_path, smollm2_path, smollm2):
     tokens = torch.tensor([ids])
     with torch.no_grad():
         assert (hf_model(tokens).logits - merged.eval()(tokens)).abs().max() <= 1e-4
+
+
+def test_settings_the_run_had_to_change_are_said_and_recorded(tmp_path, capsys):
+    """--seq-len beyond stories260K's 512-token context, and a warmup longer than the run: a note
+    each, config.json keeps the given values (what --resume compares) and the effective ones."""
+    out = tmp_path / "out"
+    run(stories_argv(out, "--seq-len", 100000, "--max-steps", 3, "--warmup-steps", 100))
+    printed = capsys.readouterr().out
+    assert "note: --seq-len 100000 is longer than the model's context; using 512" in printed
+    assert "note: --warmup-steps 100 is not shorter than the run (3 steps); warming up for 1 steps" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert (config["seq_len"], config["warmup_steps"]) == (100000, 100)
+    assert config["effective"] == {"seq_len": 512, "warmup_steps": 1}
+    run(stories_argv(out, "--seq-len", 100000, "--max-steps", 4, "--warmup-steps", 100, "--resume"))
+    assert saved_state(out)["step"] == 4
+
+
+def test_the_demo_runs_from_any_directory(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--max-steps", "1", "--val-split", "0",
+                           "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
