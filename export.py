@@ -1,8 +1,10 @@
 """Exports for the Hugging Face stack: a LoRA adapter as PEFT writes it, a merged model as
 transformers writes it (with the tokenizer files, so AutoTokenizer loads it too).
 
-    out/peft/  adapter_config.json + adapter_model.safetensors   peft.PeftModel.from_pretrained(base, "out/peft")
-    out/hf/    config.json + model.safetensors + tokenizer files  AutoModelForCausalLM.from_pretrained("out/hf")
+    out/peft/  adapter_config.json + adapter_model.safetensors
+               loaded by peft.PeftModel.from_pretrained(base, "out/peft")
+    out/hf/    config.json + model.safetensors + tokenizer files
+               loaded by AutoModelForCausalLM.from_pretrained("out/hf")
 
 Two things differ from our own files: the names (`model.layers.0.self_attn.q_proj` for our
 `layers.0.attn.q_proj`), and the row order of q_proj/k_proj (checkpoint.hf_permute).
@@ -12,41 +14,54 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from checkpoint import atomic_write, hf_permute, name_map, save_hf_checkpoint, save_safetensors, write_json
+from checkpoint import (atomic_write, hf_names, hf_permute, save_hf_checkpoint, save_safetensors,
+                        write_json)
 from errors import UserError
 from lora import LORA_TARGETS, lora_layers, lora_settings, merge_lora
 
 # Hugging Face tokenizer files copied from the base checkpoint's directory when it has them
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
-    """Write the adapter as Hugging Face PEFT does (adapter_config.json + adapter_model.safetensors),
-    loadable with `peft.PeftModel.from_pretrained(LlamaForCausalLM..., directory)`.
+    """Write the adapter as Hugging Face PEFT does (adapter_config.json +
+    adapter_model.safetensors), loadable with
+    `peft.PeftModel.from_pretrained(LlamaForCausalLM..., directory)`.
 
-    Our q_proj/k_proj rows are in Meta's RoPE pair order and HF's are permuted (checkpoint.hf_permute):
-    W_hf = P W, so ΔW_hf = P B A, i.e. B's rows (and DoRA's per-row magnitude) get the same
-    permutation while A, whose columns are input features, stays as it is.
+    Our q_proj/k_proj rows are in Meta's RoPE pair order and HF's are permuted
+    (checkpoint.hf_permute): W_hf = P W, so ΔW_hf = P B A, i.e. B's rows (and DoRA's per-row
+    magnitude) get the same permutation while A, whose columns are input features, stays as it is.
     """
-    settings, c = lora_settings(model), model.config
-    hf_names = {ours: theirs for theirs, ours in name_map("hf", c.n_layers).items()}
+    settings = lora_settings(model)
+    c = model.config
+    to_hf = {ours: theirs for theirs, ours in hf_names(c.n_layers).items()}
     tensors = {}
     for name, layer in lora_layers(model).items():
-        key = "base_model.model." + hf_names[name + ".weight"].removesuffix(".weight")
+        key = "base_model.model." + to_hf[name + ".weight"].removesuffix(".weight")
         lora_B = layer.lora_B.detach()
-        magnitude = layer.magnitude.detach()[:, None] if settings["dora"] else None  # 2-D for hf_permute
+        magnitude = None
+        if settings["dora"]:
+            magnitude = layer.magnitude.detach()[:, None]  # 2-D for hf_permute
         if name.endswith(("q_proj", "k_proj")):
             n_heads = c.n_heads if name.endswith("q_proj") else c.n_kv_heads
             lora_B = hf_permute(lora_B, n_heads, to_hf=True)
-            magnitude = hf_permute(magnitude, n_heads, to_hf=True) if magnitude is not None else None
+            if magnitude is not None:
+                magnitude = hf_permute(magnitude, n_heads, to_hf=True)
         tensors[key + ".lora_A.weight"] = layer.lora_A.detach()
         tensors[key + ".lora_B.weight"] = lora_B
         if magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = magnitude[:, 0]
-    hf_module = {t: LORA_TARGETS[t].rpartition(".")[2] for t in LORA_TARGETS}  # 'q' -> 'q_proj', 'head' -> 'lm_head'
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["r"], "lora_alpha": settings["alpha"],
-              "lora_dropout": settings["dropout"], "target_modules": [hf_module[t] for t in settings["targets"]],
-              "use_rslora": settings["rslora"], "use_dora": settings["dora"], "bias": "none",
+    # 'q' -> 'q_proj', 'head' -> 'lm_head'
+    hf_module = {t: LORA_TARGETS[t].rpartition(".")[2] for t in LORA_TARGETS}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+              "r": settings["r"],
+              "lora_alpha": settings["alpha"],
+              "lora_dropout": settings["dropout"],
+              "target_modules": [hf_module[t] for t in settings["targets"]],
+              "use_rslora": settings["rslora"],
+              "use_dora": settings["dora"],
+              "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
     directory = Path(directory)
@@ -68,7 +83,10 @@ def export_hf(model: nn.Module, directory, tokenizer=None, tokenizer_dir=None, d
         source = Path(tokenizer_dir)
         if not source.exists():
             raise UserError(f"tokenizer directory not found: {source}")
-        tokenizer_files = [source] if source.is_file() else [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
+        if source.is_file():
+            tokenizer_files = [source]
+        else:
+            tokenizer_files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
     merge_lora(model)
     save_hf_checkpoint(model, directory, dtype=dtype)
     for f in tokenizer_files:

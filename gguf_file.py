@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from checkpoint import name_map
 from errors import UserError
 from model import ModelConfig, llama3_scaling, rope_frequencies
 
@@ -319,6 +320,25 @@ def check_tensor(path: Path, info: TensorInfo, file_size: int):
 
 # ---------------------------------------------------------------- the model
 
+GGUF_NAMES = {  # ours: llama.cpp's
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+GGUF_LAYER_PREFIX = "blk.{}."
+GGUF_LAYER_NAMES = {  # ours: llama.cpp's, within one block
+    "attn_norm.weight": "attn_norm.weight",
+    "attn.q_proj.weight": "attn_q.weight",
+    "attn.k_proj.weight": "attn_k.weight",
+    "attn.v_proj.weight": "attn_v.weight",
+    "attn.o_proj.weight": "attn_output.weight",
+    "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+}
+
+
 def _llama_value(header: GGUFHeader, key: str, default=None):
     return header.metadata.get(f"llama.{key}", default)
 
@@ -390,18 +410,17 @@ def read_tensor(header: GGUFHeader, info: TensorInfo) -> torch.Tensor:
 
 
 def read_gguf(path):
-    """(ModelConfig, iterator of (name in the file, our name, float32 tensor)), like the other
-    readers of checkpoint.py. Tensors are read and dequantised one at a time as the iterator is
-    advanced, so loading needs memory for the model plus one tensor. llama.cpp's converter
-    already stores q/k rows in Meta's pair order, which our model uses: no permutation."""
-    from checkpoint import name_map  # here, not at the top: checkpoint.py imports this module
-
+    """(ModelConfig, iterator of (name in the file, our name, float32 tensor)), like the readers
+    of checkpoint.py and formats.py. Tensors are read and dequantised one at a time as the
+    iterator is advanced, so loading needs memory for the model plus one tensor. llama.cpp's
+    converter already stores q/k rows in Meta's pair order, which our model uses: no
+    permutation."""
     header = read_gguf_header(path)
     config = read_config(header)
     file_size = header.path.stat().st_size
     for info in header.tensors:  # fail now, before any loading, on a type or size we cannot read
         check_tensor(header.path, info, file_size)
-    names = name_map("gguf", config.n_layers)
+    names = name_map(GGUF_NAMES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, config.n_layers)
 
     def tensors():
         for info in header.tensors:

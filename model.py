@@ -5,8 +5,8 @@
             x = x + MLP(RMSNorm(x))            (SwiGLU)
 
 Every LLaMA generation (Llama-2, Llama-3/3.1/3.2, TinyLlama, llama2.c's tinyllamas) is this
-network with different numbers in `ModelConfig`. Reading weights from files lives in
-checkpoint.py; this file only knows the architecture.
+network with different numbers in `ModelConfig`. Reading weights and configs from files lives in
+checkpoint.py (and formats.py, gguf_file.py); this file only knows the architecture.
 
 Conventions: weight names are ours (`layers.3.attn.q_proj.weight`); q/k rows are in Meta's
 original order, where RoPE rotates adjacent pairs (x[2i], x[2i+1]). Hugging Face stores q/k
@@ -27,10 +27,15 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 
 def default_precision(device: str) -> str:
-    """bf16 on GPUs that have it (same range as float32, half the bytes), else fp16; fp32 on a CPU."""
+    """bf16 on GPUs that have it (float32's range, half the bytes), else fp16; fp32 on a CPU."""
     if not str(device).startswith("cuda"):
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+# The sizes of a ModelConfig: each must be a whole number >= 1.
+SIZE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+               "max_seq_len")
 
 
 @dataclass
@@ -43,16 +48,27 @@ class ModelConfig:
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3.1 style: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    # Llama-3.1 style: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None = plain RoPE
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096
-    tie_embeddings: bool = False     # lm_head shares the embedding matrix (Llama-3.2-1B/3B, llama2.c)
+    tie_embeddings: bool = False     # lm_head shares the embedding (Llama-3.2-1B/3B, llama2.c)
     head_dim: int | None = None      # defaults to dim // n_heads
 
     def __post_init__(self):
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"model config: {name}={value!r}, but it must be a whole "
+                                "number >= 1")
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise UserError(f"model config: dim={self.dim} is not a multiple of "
+                                f"n_heads={self.n_heads} (and no head_dim is given)")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"n_heads={self.n_heads} is not a multiple of "
+                            f"n_kv_heads={self.n_kv_heads}")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
@@ -60,88 +76,41 @@ class ModelConfig:
             raise UserError(f"unknown model shape {name!r}; known: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name])
 
-    @classmethod
-    def from_hf(cls, c: dict) -> "ModelConfig":
-        """From a Hugging Face `config.json` of a LlamaForCausalLM (transformers 4 or 5 spelling)."""
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # v5 merged both into rope_parameters
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise UserError(f"rope type {kind!r} is not supported (only the default and 'llama3')")
-        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                        "original_max_position_embeddings")} if kind == "llama3" else None
-        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                   n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   ffn_hidden=c["intermediate_size"], vocab_size=c["vocab_size"],
-                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   rope_scaling=scaling, max_seq_len=c.get("max_position_embeddings", 4096),
-                   tie_embeddings=c.get("tie_word_embeddings", False), head_dim=c.get("head_dim"))
-
-    def to_hf(self) -> dict:
-        """The `config.json` transformers needs to load this model as LlamaForCausalLM."""
-        c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-             "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-             "num_key_value_heads": self.n_kv_heads, "intermediate_size": self.ffn_hidden,
-             "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-             "head_dim": self.head_dim, "attention_bias": False, "mlp_bias": False}
-        if self.rope_scaling:
-            c["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
-        return c
-
-    @classmethod
-    def from_meta(cls, p: dict, vocab_size: int | None = None) -> "ModelConfig":
-        """From Meta's `params.json`. The SwiGLU width is not stored there, only the recipe for it."""
-        dim = p["dim"]
-        hidden = int(2 * (4 * dim) / 3)  # 2/3 of the classic 4·dim, so SwiGLU's 3 matrices cost what 2 did
-        if p.get("ffn_dim_multiplier"):
-            hidden = int(p["ffn_dim_multiplier"] * hidden)
-        multiple_of = p.get("multiple_of", 256)
-        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-        scaling = None
-        if p.get("use_scaled_rope"):  # Llama-3.1+: the constants Meta's reference code hard-codes;
-            # params.json does not say the factor: 32 for the Llama-3.2 1B/3B shapes, 8 otherwise (3.1),
-            # as in the Hugging Face configs of those models.
-            llama32 = (dim, p["n_layers"]) in ((2048, 16), (3072, 28))
-            factor = p.get("rope_scaling_factor") or (32.0 if llama32 else 8.0)
-            scaling = llama3_scaling(factor)
-        vocab = p.get("vocab_size", -1)
-        return cls(dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
-                   n_kv_heads=p.get("n_kv_heads") or p["n_heads"], ffn_hidden=hidden,
-                   vocab_size=vocab if vocab > 0 else vocab_size, norm_eps=p.get("norm_eps", 1e-5),
-                   rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
-                   max_seq_len=p.get("max_seq_len", 4096))
-
 
 def llama3_scaling(factor: float) -> dict:
-    """Llama-3.1's rope_scaling: only `factor` differs between models (8 for 3.1, 32 for 3.2 1B/3B)."""
-    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    """Llama-3.1's rope_scaling: only `factor` differs between models (8 for 3.1, 32 for 3.2
+    1B/3B); the other constants are Meta's."""
+    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
 
 
 PRESETS = {  # the public shapes, so a model can be built (and benchmarked) without a file
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=172, vocab_size=512, max_seq_len=512),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=172, vocab_size=512,
+                 max_seq_len=512),
     "stories260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_hidden=172, vocab_size=512,
                         max_seq_len=512, tie_embeddings=True),
-    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632, vocab_size=32000,
-                           max_seq_len=2048),
-    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000,
-                       max_seq_len=4096),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
-                       rope_theta=500000.0, max_seq_len=8192),
-    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=llama3_scaling(8.0), max_seq_len=131072),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=llama3_scaling(32.0), max_seq_len=131072,
-                         tie_embeddings=True),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,
-                         rope_theta=500000.0, rope_scaling=llama3_scaling(32.0), max_seq_len=131072,
-                         tie_embeddings=True),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256,
-                        rope_theta=500000.0, max_seq_len=8192),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632,
+                           vocab_size=32000, max_seq_len=2048),
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008,
+                       vocab_size=32000, max_seq_len=4096),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+                       vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+                         vocab_size=128256, rope_theta=500000.0, rope_scaling=llama3_scaling(8.0),
+                         max_seq_len=131072),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
+                         vocab_size=128256, rope_theta=500000.0, rope_scaling=llama3_scaling(32.0),
+                         max_seq_len=131072, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden=8192,
+                         vocab_size=128256, rope_theta=500000.0, rope_scaling=llama3_scaling(32.0),
+                         max_seq_len=131072, tie_embeddings=True),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden=28672,
+                        vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
 }
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight. Computed in float32 (squares of bf16 overflow precision)."""
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (bf16 squares lose precision)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -150,7 +119,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 def rope_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
@@ -160,16 +130,18 @@ def rope_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
     keeping the high ones, and blending smoothly in between (Meta's `apply_scaling`).
     """
     hd = config.head_dim
-    freqs = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    even_channels = torch.arange(0, hd, 2, device=device, dtype=torch.float32)
+    freqs = 1.0 / config.rope_theta ** (even_channels / hd)
     s = config.rope_scaling
     if s:
         old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / freqs
-        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        low = s["low_freq_factor"]
+        high = s["high_freq_factor"]
+        smooth = (old_len / wavelen - low) / (high - low)
         blended = (1 - smooth) * freqs / s["factor"] + smooth * freqs
-        freqs = torch.where(wavelen < old_len / s["high_freq_factor"], freqs,            # short waves: keep
-                            torch.where(wavelen > old_len / s["low_freq_factor"],         # long waves: slow down
-                                        freqs / s["factor"], blended))
+        slowed = torch.where(wavelen > old_len / low, freqs / s["factor"], blended)  # long waves
+        freqs = torch.where(wavelen < old_len / high, freqs, slowed)  # short waves: kept
     return freqs
 
 
@@ -200,12 +172,12 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, so decoding one new token costs
     one token's work instead of re-running the whole prefix."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None,
+                 dtype=torch.float32):
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens already stored
-        self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k/v of one layer; return all keys/values so far."""
@@ -217,11 +189,15 @@ class KVCache:
 
 class Attention(nn.Module):
     """Causal self-attention with grouped queries: n_heads query heads share n_kv_heads key/value
-    heads (Llama-3: 32 query heads, 8 kv heads), which shrinks the KV cache by n_heads/n_kv_heads."""
+    heads (Llama-3: 32 query heads, 8 kv heads), which shrinks the KV cache n_heads/n_kv_heads
+    times."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, config.n_heads, config.n_kv_heads, config.head_dim
+        self.layer = layer  # which slot of the KV cache is ours
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
@@ -279,9 +255,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+            self.tie_head()
+        # recompute each block in backward instead of storing its activations
+        self.grad_checkpointing = False
         self.compiled = False  # fused_loss.compile_for_training sets it (--compile)
+
+    def tie_head(self):
+        """Make lm_head use the embedding matrix itself (config.tie_embeddings). Called again by
+        whatever replaces the embedding's Parameter object (load_state_dict(assign=True),
+        to_empty), which would otherwise leave the head holding the old one."""
+        self.lm_head.weight = self.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random weights for models built without a checkpoint (tests, the demo, bench.py)."""
@@ -306,8 +289,9 @@ class Transformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
             mask = mask[:, None]  # (batch, 1, seq, seq), broadcast over heads
-        elif cache is not None and T > 1:  # prefill after earlier tokens: query i sees keys ≤ start+i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        elif cache is not None and T > 1:  # prefill after a prefix: query i sees keys ≤ start+i
+            all_keys = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device)
+            mask = all_keys.tril(diagonal=start)
         elif cache is not None:  # one new token sees every cached key
             mask = torch.ones(1, start + 1, dtype=torch.bool, device=tokens.device)
         cos, sin = rope_angles(self.config, positions)
@@ -338,7 +322,8 @@ class Transformer(nn.Module):
         takes the plain path.)
         """
         h = self.hidden_states(tokens, positions, doc_ids)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
+        # position t predicts labels[t+1]; the last position predicts nothing
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         if chunk_size > 0 and type(self.lm_head) is nn.Linear:
             from fused_loss import chunked_cross_entropy  # (beside the model: the fast path)
             return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk_size, self.compiled)

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from checkpoint import load_checkpoint, save_checkpoint, save_hf_checkpoint
+from checkpoint import config_from_hf, config_to_hf, load_checkpoint, save_checkpoint, save_hf_checkpoint
 from conftest import shared_path
 from errors import UserError
-from model import Transformer
+from formats import config_from_meta
+from model import PRESETS, ModelConfig, Transformer
 
 try:  # the reference oracle (requirements-dev.txt); without it only the tests comparing with it skip
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,6 +30,7 @@ TOL = 1e-4
 SEQ = 64  # > 2 × original_max_position_embeddings below, so the Llama-3.1 rope scaling matters
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+LLAMA3_SCALING = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}  # as ModelConfig holds it
 # Meta's params.json cannot spell the constants above: Meta's code hard-codes an 8192-token original context.
 META_LLAMA3_ROPE = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
@@ -178,6 +180,33 @@ def test_row_orders_are_inverse():
     assert torch.equal(checkpoint.hf_permute(w, 4, to_hf=False), _hf_to_meta_rows(w, 4))
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_to_hf_from_hf_round_trip(name):
+    c = ModelConfig.from_name(name)
+    hf = config_to_hf(c)
+    assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
+    assert config_from_hf(hf) == c
+
+
+def test_from_hf_both_spellings():
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 96, "vocab_size": 80, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+            "tie_word_embeddings": True}
+    v4 = {**base, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3_SCALING}}
+    v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_SCALING}}
+    old = {**base, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3_SCALING}}  # pre-4.45 key
+    configs = [config_from_hf(c) for c in (v4, v5, old)]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].rope_scaling == LLAMA3_SCALING and configs[0].rope_theta == 500000.0
+    assert configs[0].tie_embeddings and configs[0].n_kv_heads == 2 and configs[0].head_dim == 16
+    default = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert default.rope_scaling is None and default.rope_theta == 10000.0
+    mha = config_from_hf({k: v for k, v in base.items() if k != "num_key_value_heads"})
+    assert mha.n_kv_heads == 4
+    with pytest.raises(UserError, match="rope type 'linear' is not supported"):
+        config_from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
 # ---------------------------------------------------------------- Meta
 
 META_NAMES = {"embed_tokens": "tok_embeddings.weight", "norm": "norm.weight", "lm_head": "output.weight"}
@@ -253,6 +282,35 @@ def test_meta_parity(hf, tmp_path, style, n_shards):
     if style == "llama3":
         assert config.rope_theta == 500000.0 and config.rope_scaling["original_max_position_embeddings"] == 8192
     assert max_diff(logits_of(model, tokens()), ref) <= TOL
+
+
+@pytest.mark.parametrize("params, ffn", [
+    ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-5, "vocab_size": -1}, 11008),  # Llama-2-7B
+    ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-5, "vocab_size": -1}, 13824),  # Llama-2-13B
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
+      "norm_eps": 1e-5, "vocab_size": -1}, 28672),  # Llama-2-70B
+    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}, 14336),  # Llama-3-8B
+])
+def test_from_meta_ffn_width(params, ffn):
+    c = config_from_meta(params, vocab_size=32000)
+    assert c.ffn_hidden == ffn
+    assert c.vocab_size == (params["vocab_size"] if params["vocab_size"] > 0 else 32000)
+    assert c.n_kv_heads == params.get("n_kv_heads", params["n_heads"])
+
+
+def test_from_meta_scaled_rope():
+    p = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}  # Llama-3.1-8B
+    c = config_from_meta(p)
+    assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}
+    assert c == ModelConfig(**{**PRESETS["llama-3.1-8b"], "max_seq_len": 4096})
+    # Llama-3.2-1B's params.json (no factor given): 32, as in its Hugging Face config
+    p32 = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5,
+           "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    c32 = config_from_meta(p32)
+    assert c32.rope_scaling == PRESETS["llama-3.2-1b"]["rope_scaling"] and c32.ffn_hidden == 8192
 
 
 # ---------------------------------------------------------------- llama2.c
@@ -577,6 +635,17 @@ def test_error_corrupt_config_json(hf, tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 64, "num_hidden_')
     with pytest.raises(UserError, match="config.json: not readable JSON"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("max_position_embeddings", 0), ("num_hidden_layers", -1),
+                                        ("hidden_size", 64.5)])
+def test_error_impossible_size_in_config_json(tmp_path, key, value):
+    """One line naming the file and the key (the config is read before the weights)."""
+    (tmp_path / "config.json").write_text(json.dumps({**STYLES["llama2"], key: value}))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(tmp_path)
+    path = tmp_path / "config.json"
+    assert str(e.value) == f"{path}: {key} is {value!r}, but it must be a whole number >= 1"
 
 
 def test_error_config_json_of_another_model(hf, tmp_path):

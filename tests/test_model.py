@@ -1,6 +1,6 @@
 """The architecture itself: configs, RoPE, grouped-query attention, the KV cache, packed attention,
-the chunked loss and gradient checkpointing. Tiny random float32 models; checkpoint formats and the
-comparison with transformers' full model live in test_checkpoint.py."""
+the chunked loss and gradient checkpointing. Tiny random float32 models; checkpoint formats (and
+their config files) and the comparison with transformers' full model live in test_checkpoint.py."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from model import (IGNORE_INDEX, PRESETS, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
+from model import (IGNORE_INDEX, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
                    rope_angles, rope_frequencies)
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -38,8 +38,22 @@ def rand_tokens(shape, vocab=80, seed=1):
 def test_config_defaults_and_validation():
     assert ModelConfig(dim=64, n_heads=4, n_kv_heads=2).head_dim == 16
     assert ModelConfig(dim=64, n_heads=4, n_kv_heads=2, head_dim=32).head_dim == 32
+    assert ModelConfig(dim=50, n_heads=4, n_kv_heads=2, head_dim=16).head_dim == 16  # dim % n_heads
     with pytest.raises(UserError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
         ModelConfig(dim=48, n_heads=6, n_kv_heads=4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_layers=0), "model config: n_layers=0, but it must be a whole number >= 1"),
+    (dict(vocab_size=-5), "model config: vocab_size=-5, but it must be a whole number >= 1"),
+    (dict(max_seq_len=None), "model config: max_seq_len=None, but it must be a whole number >= 1"),
+    (dict(dim=50, n_heads=4, n_kv_heads=2),
+     r"model config: dim=50 is not a multiple of n_heads=4 \(and no head_dim is given\)"),
+])
+def test_config_rejects_impossible_sizes(overrides, message):
+    with pytest.raises(UserError, match=f"^{message}$") as e:
+        ModelConfig(**{**dict(dim=64, n_heads=4, n_kv_heads=2), **overrides})
+    assert "\n" not in str(e.value)
 
 
 def test_presets():
@@ -50,62 +64,6 @@ def test_presets():
     assert not ModelConfig.from_name("llama-2-7b").tie_embeddings
     with pytest.raises(UserError, match="unknown model shape 'gpt-5'.*llama-2-7b.*tiny"):
         ModelConfig.from_name("gpt-5")
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_to_hf_from_hf_round_trip(name):
-    c = ModelConfig.from_name(name)
-    hf = c.to_hf()
-    assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
-    assert ModelConfig.from_hf(hf) == c
-
-
-def test_from_hf_both_spellings():
-    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 96, "vocab_size": 80, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
-            "tie_word_embeddings": True}
-    v4 = {**base, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3_SCALING}}
-    v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_SCALING}}
-    old = {**base, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3_SCALING}}  # pre-4.45 key
-    configs = [ModelConfig.from_hf(c) for c in (v4, v5, old)]
-    assert configs[0] == configs[1] == configs[2]
-    assert configs[0].rope_scaling == LLAMA3_SCALING and configs[0].rope_theta == 500000.0
-    assert configs[0].tie_embeddings and configs[0].n_kv_heads == 2 and configs[0].head_dim == 16
-    default = ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
-    assert default.rope_scaling is None and default.rope_theta == 10000.0
-    mha = ModelConfig.from_hf({k: v for k, v in base.items() if k != "num_key_value_heads"})
-    assert mha.n_kv_heads == 4
-    with pytest.raises(UserError, match="rope type 'linear' is not supported"):
-        ModelConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
-
-
-@pytest.mark.parametrize("params, ffn", [
-    ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-5, "vocab_size": -1}, 11008),  # Llama-2-7B
-    ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-5, "vocab_size": -1}, 13824),  # Llama-2-13B
-    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
-      "norm_eps": 1e-5, "vocab_size": -1}, 28672),  # Llama-2-70B
-    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}, 14336),  # Llama-3-8B
-])
-def test_from_meta_ffn_width(params, ffn):
-    c = ModelConfig.from_meta(params, vocab_size=32000)
-    assert c.ffn_hidden == ffn
-    assert c.vocab_size == (params["vocab_size"] if params["vocab_size"] > 0 else 32000)
-    assert c.n_kv_heads == params.get("n_kv_heads", params["n_heads"])
-
-
-def test_from_meta_scaled_rope():
-    p = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}  # Llama-3.1-8B
-    c = ModelConfig.from_meta(p)
-    assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}
-    assert c == ModelConfig(**{**PRESETS["llama-3.1-8b"], "max_seq_len": 4096})
-    # Llama-3.2-1B's params.json (no factor given): 32, as in its Hugging Face config
-    p32 = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5,
-           "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
-    c32 = ModelConfig.from_meta(p32)
-    assert c32.rope_scaling == PRESETS["llama-3.2-1b"]["rope_scaling"] and c32.ffn_hidden == 8192
 
 
 # ---------------------------------------------------------------- pieces

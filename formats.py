@@ -1,0 +1,194 @@
+"""The other formats LLaMA checkpoints come in: Meta's original release and llama2.c's.
+
+    directory with params.json + consolidated.*.pth   Meta (Llama-2, Llama-3.x), one shard per GPU
+    *.pt with `model` and `model_args`                 llama2.c's training checkpoint
+    *.bin with a 7-int header, then float32 tensors    llama2.c's legacy export (stories260K.bin)
+
+Both use Meta's tensor names (`layers.0.attention.wq.weight`) and Meta's q/k row order, which is
+ours: only the names change. Each reader returns (config, iterator of (name in the file, our
+name, tensor)), like those of checkpoint.py, which picks the reader (read_checkpoint).
+"""
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import name_map, read_json, read_torch_file
+from errors import UserError
+from model import ModelConfig, Transformer, llama3_scaling
+
+META_NAMES = {  # ours: Meta's
+    "embed_tokens.weight": "tok_embeddings.weight",
+    "norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+META_LAYER_PREFIX = "layers.{}."
+META_LAYER_NAMES = {  # ours: Meta's, within one block
+    "attn_norm.weight": "attention_norm.weight",
+    "attn.q_proj.weight": "attention.wq.weight",
+    "attn.k_proj.weight": "attention.wk.weight",
+    "attn.v_proj.weight": "attention.wv.weight",
+    "attn.o_proj.weight": "attention.wo.weight",
+    "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+}
+
+
+def meta_names(n_layers: int) -> dict:
+    """{Meta's name: our name} for every tensor of an n_layers model."""
+    return name_map(META_NAMES, META_LAYER_NAMES, META_LAYER_PREFIX, n_layers)
+
+
+# ---------------------------------------------------------------- Meta
+
+def read_meta(d: Path):
+    shards = sorted(d.glob("consolidated.*.pth"))
+    if not shards:
+        raise UserError(f"{d}: params.json but no consolidated.*.pth weights")
+    params = read_json(d / "params.json")
+    loaded = [read_torch_file(f) for f in shards]
+    vocab_size = loaded[0]["tok_embeddings.weight"].shape[0]
+    config = config_from_meta(params, vocab_size=vocab_size)
+    # Llama-3.2 1B/3B ship no separate head
+    config.tie_embeddings = "output.weight" not in loaded[0]
+    names = meta_names(config.n_layers)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+
+    def tensors():
+        for key in loaded[0]:
+            ours = names.get(key, key)
+            parts = [sd[key] for sd in loaded]
+            if len(parts) > 1 and ours in expected:
+                # Model-parallel shards split each matrix along the dimension its layer is parallel
+                # in (rows for wq/w1, columns for wo/w2, and either for the embedding); norms are
+                # copied whole. Concatenate along the one axis whose size does not match yet.
+                axis = [a for a in range(parts[0].dim()) if parts[0].shape[a] != expected[ours][a]]
+                parts = [torch.cat(parts, dim=axis[0])] if axis else parts[:1]
+            yield key, ours, parts[0]
+    return config, tensors()
+
+
+def config_from_meta(p: dict, vocab_size: int | None = None) -> ModelConfig:
+    """From Meta's `params.json`. The SwiGLU width is not stored there, only the recipe for it.
+    vocab_size: the embedding's row count, for files whose params.json says -1."""
+    dim = p["dim"]
+    # 2/3 of the classic 4·dim, so SwiGLU's 3 matrices cost what 2 did
+    hidden = int(2 * (4 * dim) / 3)
+    if p.get("ffn_dim_multiplier"):
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    multiple_of = p.get("multiple_of", 256)
+    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    scaling = None
+    if p.get("use_scaled_rope"):  # Llama-3.1+: the constants Meta's reference code hard-codes;
+        # params.json does not say the factor: 32 for the Llama-3.2 1B/3B shapes, 8 otherwise
+        # (3.1), as in the Hugging Face configs of those models.
+        llama32 = (dim, p["n_layers"]) in ((2048, 16), (3072, 28))
+        factor = p.get("rope_scaling_factor") or (32.0 if llama32 else 8.0)
+        scaling = llama3_scaling(factor)
+    stored_vocab = p.get("vocab_size", -1)
+    if stored_vocab > 0:
+        vocab_size = stored_vocab
+    return ModelConfig(dim=dim,
+                       n_layers=p["n_layers"],
+                       n_heads=p["n_heads"],
+                       n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+                       ffn_hidden=hidden,
+                       vocab_size=vocab_size,
+                       norm_eps=p.get("norm_eps", 1e-5),
+                       rope_theta=p.get("rope_theta", 10000.0),
+                       rope_scaling=scaling,
+                       max_seq_len=p.get("max_seq_len", 4096))
+
+
+# ---------------------------------------------------------------- llama2.c
+
+def read_llama2c_pt(path: Path):
+    """llama2.c's train.py checkpoint: {"model": state dict under Meta's names, "model_args"}."""
+    ckpt = read_torch_file(path)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path}: not a llama2.c training checkpoint (expected keys 'model' "
+                        "and 'model_args')")
+    args = ckpt["model_args"]
+    # a torch.compile'd model's state dict has every name under _orig_mod.
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    config = ModelConfig(dim=args["dim"],
+                         n_layers=args["n_layers"],
+                         n_heads=args["n_heads"],
+                         n_kv_heads=args.get("n_kv_heads") or args["n_heads"],
+                         vocab_size=args["vocab_size"],
+                         ffn_hidden=state["layers.0.feed_forward.w1.weight"].shape[0],
+                         norm_eps=args.get("norm_eps", 1e-5),
+                         max_seq_len=args.get("max_seq_len", 2048),
+                         tie_embeddings=True)  # llama2.c always ties the head to the embedding
+    names = meta_names(config.n_layers)
+    return config, ((k, names.get(k, k), v) for k, v in state.items() if k != "output.weight")
+
+
+def llama2c_bin_config(path: Path):
+    """The config of a legacy llama2.c `.bin` export, or None if the file is not one: 7 int32
+    (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len), then float32 tensors.
+    A negative vocab_size means the file has its own classifier matrix at the end."""
+    size = path.stat().st_size
+    if size < 28:
+        return None
+    with open(path, "rb") as f:
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", f.read(28))
+    if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or dim % n_heads:
+        return None
+    config = ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                         ffn_hidden=hidden, vocab_size=abs(vocab), max_seq_len=seq_len,
+                         tie_embeddings=vocab > 0)
+    if size != 28 + 4 * _llama2c_floats(config):
+        return None
+    return config
+
+
+def _llama2c_layout(c: ModelConfig):
+    """(our name, shape) of each tensor of the .bin, in file order. Per-layer tensors are stored
+    stacked over the layers (shape starting with n_layers); freq_cis_* are RoPE tables."""
+    L = c.n_layers
+    kv = c.n_kv_heads * c.head_dim
+    half_head = c.head_dim // 2
+    layout = [("embed_tokens.weight", (c.vocab_size, c.dim)),
+              ("attn_norm.weight", (L, c.dim)),
+              ("attn.q_proj.weight", (L, c.dim, c.dim)),
+              ("attn.k_proj.weight", (L, kv, c.dim)),
+              ("attn.v_proj.weight", (L, kv, c.dim)),
+              ("attn.o_proj.weight", (L, c.dim, c.dim)),
+              ("mlp_norm.weight", (L, c.dim)),
+              ("mlp.gate_proj.weight", (L, c.ffn_hidden, c.dim)),
+              ("mlp.down_proj.weight", (L, c.dim, c.ffn_hidden)),
+              ("mlp.up_proj.weight", (L, c.ffn_hidden, c.dim)),
+              ("norm.weight", (c.dim,)),
+              ("freq_cis_real", (c.max_seq_len, half_head)),
+              ("freq_cis_imag", (c.max_seq_len, half_head))]
+    if not c.tie_embeddings:
+        layout.append(("lm_head.weight", (c.vocab_size, c.dim)))
+    return layout
+
+
+def _llama2c_floats(c: ModelConfig) -> int:
+    return sum(int(np.prod(shape)) for _, shape in _llama2c_layout(c))
+
+
+def read_llama2c_bin(path: Path, config: ModelConfig):
+    data = np.memmap(path, dtype=np.float32, mode="c", offset=28)  # copy-on-write view, no RAM copy
+
+    def tensors():
+        offset = 0
+        for name, shape in _llama2c_layout(config):
+            n = int(np.prod(shape))
+            t = torch.from_numpy(data[offset:offset + n].reshape(shape))
+            offset += n
+            if name.startswith("freq_cis"):
+                continue  # RoPE tables: we compute them from the config
+            if name in META_LAYER_NAMES:  # a per-layer tensor (our name), stored stacked
+                for layer in range(config.n_layers):
+                    yield name, f"layers.{layer}.{name}", t[layer]
+            else:
+                yield name, name, t
+    return config, tensors()
