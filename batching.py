@@ -119,6 +119,8 @@ class StepBatches:
         self.epoch = 0
         self.batches = make_batches(examples, batch_size, epoch=0, **options)
         self.per_epoch = len(self.batches)
+        # the widest batch (every epoch has the longest example, so the same width)
+        self.longest = max(batch["tokens"].shape[1] for batch in self.batches)
 
     def for_step(self, step: int) -> list[dict]:
         first = step * self.per_step

@@ -60,7 +60,7 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype,
             if not isinstance(module, NF4Linear):
                 module.to_empty(device=device, recurse=False)
         if c.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
+            model.tie_head()
     model.init_weights(generator=g)
     return model
 

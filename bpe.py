@@ -309,7 +309,8 @@ def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
 def tokenizer_json(tokenizer: BPETokenizer) -> dict:
     """Hugging Face's tokenizer.json for a byte-level BPE tokenizer: the same vocabulary, merges
     and pre-tokenizer, the special tokens as added tokens (not split from text: `split_special`)."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
     if tokenizer.pattern == GPT2_PATTERN:
         pre_tokenizer = byte_level
     elif tokenizer.pattern == DIGITS_PATTERN:
@@ -318,7 +319,8 @@ def tokenizer_json(tokenizer: BPETokenizer) -> dict:
     else:
         split = {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
                  "invert": False}
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+        without_regex = {**byte_level, "use_regex": False}  # the Split has cut the text already
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, without_regex]}
     if tokenizer.add_bos:
         bos = tokenizer.bytes_of_id[tokenizer.bos_id].decode()
         post_processor = {"type": "TemplateProcessing",
@@ -327,7 +329,8 @@ def tokenizer_json(tokenizer: BPETokenizer) -> dict:
                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
                                    {"Sequence": {"id": "A", "type_id": 0}},
                                    {"Sequence": {"id": "B", "type_id": 1}}],
-                          "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}
+                          "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id],
+                                                   "tokens": [bos]}}}
     else:
         post_processor = {**byte_level, "trim_offsets": False}
     vocab = {gpt2_token_text(token): i for token, i in tokenizer.vocab.items()}
@@ -343,7 +346,8 @@ def tokenizer_json(tokenizer: BPETokenizer) -> dict:
             "model": {"type": "BPE", "dropout": None, "unk_token": None,
                       "continuing_subword_prefix": None, "end_of_word_suffix": None,
                       "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": dict(sorted(vocab.items(), key=lambda item: item[1])), "merges": merges}}
+                      "vocab": dict(sorted(vocab.items(), key=lambda item: item[1])),
+                      "merges": merges}}
 
 
 def tokenizer_config(tokenizer: BPETokenizer) -> dict:

@@ -20,7 +20,8 @@ import torch
 
 from errors import UserError, disk_full_cause
 from model import ModelConfig, Transformer
-from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear, replace_module
+from projections import is_target, replace_module
+from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = False):
@@ -47,7 +48,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = Fa
                             f"config expects {expected[name]}")
         module_name = name.removesuffix(".weight")
         t = t.to(device=device, dtype=dtype)  # one tensor at a time
-        if quantize and module_name.endswith(QUANTIZED_LAYERS):
+        if quantize and is_target(module_name, QUANTIZED_LAYERS):
             quantized[module_name] = NF4Linear.from_weight(t, compute_dtype=dtype)
         else:
             state[name] = t

@@ -11,6 +11,7 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
                     non_negative_float, non_negative_int, positive_float, positive_int)
 from lora import parse_targets
 from model import PRECISIONS, ModelConfig, default_precision
+from projections import PROJECTIONS
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -23,7 +24,7 @@ class LoRASettings:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: str = "q,k,v,o,gate,up,down"  # any of q,k,v,o,gate,up,down,head, or all
+    targets: str = ",".join(PROJECTIONS)  # q,k,v,o,gate,up,down: any of these and head, or all
     rslora: bool = False                    # scale alpha/√r instead of alpha/r
     dora: bool = False                      # weight-decomposed LoRA
 
@@ -31,7 +32,7 @@ class LoRASettings:
 @dataclass
 class TrainConfig:
     """Every setting of a run. The defaults are the classic Alpaca-LoRA recipe (tloen/alpaca-lora):
-    r=16, alpha=32, lr 3e-4, 3 epochs, 512 tokens, effective batch 128 = 4 examples × 32 micro-batches.
+    r=16, alpha=32, lr 3e-4, 3 epochs, 512 tokens, a batch of 128 = 4 examples × 32 micro-batches.
     out/config.json holds these values, resolved; --resume compares against them."""
     checkpoint: str | None = None  # None: the built-in demo (DEMO below)
     tokenizer: str | None = None   # None: the one next to the checkpoint
@@ -98,7 +99,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--lora-r", type=positive_int, default=d.lora.r, help="LoRA rank")
     a("--lora-alpha", type=positive_float, default=d.lora.alpha,
       help="LoRA alpha; the update is scaled by alpha/r")
-    a("--lora-dropout", type=fraction_below_one, default=d.lora.dropout, help="dropout on the LoRA input")
+    a("--lora-dropout", type=fraction_below_one, default=d.lora.dropout,
+      help="dropout on the LoRA input")
     a("--lora-targets", default=d.lora.targets,
       help="layers to adapt: any of q,k,v,o,gate,up,down,head, or all")
     a("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
@@ -106,7 +108,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--seq-len", type=positive_int, default=d.seq_len,
       help="max tokens per example; longer ones are truncated")
     a("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-batch")
-    a("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step")
+    a("--grad-accum", type=positive_int, default=d.grad_accum,
+      help="micro-batches per optimizer step")
     a("--lr", type=positive_float, default=d.lr, help="peak learning rate")
     a("--weight-decay", type=non_negative_float, default=d.weight_decay,
       help="AdamW weight decay on matrices, never on norms")
@@ -126,7 +129,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--seed", type=int, default=d.seed, help="seed for adapter init, data order and dropout")
     a("--precision", choices=list(PRECISIONS),
       help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute each block in backward")
+    a("--grad-ckpt", action="store_true",
+      help="activation checkpointing: recompute each block in backward")
     a("--pure-bf16", action="store_true", help="full fine-tuning in bf16 throughout (weights, "
       "gradients, AdamW state), as Hugging Face's default does: half the memory of float32 master "
       "weights, but updates smaller than bf16's resolution are lost")
@@ -151,8 +155,8 @@ def parse_args(argv=None) -> TrainConfig:
     if config.precision is None:
         config.precision = default_precision(config.device)
     if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
-        raise UserError("--pure-bf16 is for --method full with --precision bf16 (the default on GPUs)")
+        raise UserError("--pure-bf16 is for --method full with --precision bf16 (a GPU's default)")
     if config.precision == "fp16" and not config.device.startswith("cuda"):
-        raise UserError("--precision fp16 needs a GPU (its loss scaling is CUDA's); use bf16 or fp32")
+        raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)
     return config

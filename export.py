@@ -17,7 +17,7 @@ import torch.nn as nn
 from checkpoint import (atomic_write, hf_names, hf_permute, save_hf_checkpoint, save_safetensors,
                         write_json)
 from errors import UserError
-from lora import LORA_TARGETS, lora_layers, lora_settings, merge_lora
+from lora import HF_TARGET_NAMES, lora_layers, lora_settings, merge_lora
 
 # Hugging Face tokenizer files copied from the base checkpoint's directory when it has them
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -53,12 +53,11 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
         if magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = magnitude[:, 0]
     # 'q' -> 'q_proj', 'head' -> 'lm_head'
-    hf_module = {t: LORA_TARGETS[t].rpartition(".")[2] for t in LORA_TARGETS}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
               "r": settings["r"],
               "lora_alpha": settings["alpha"],
               "lora_dropout": settings["dropout"],
-              "target_modules": [hf_module[t] for t in settings["targets"]],
+              "target_modules": [HF_TARGET_NAMES[t] for t in settings["targets"]],
               "use_rslora": settings["rslora"],
               "use_dora": settings["dora"],
               "bias": "none",

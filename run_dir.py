@@ -280,11 +280,11 @@ def check_resume(out: Path, old: dict, settings: dict, inputs: dict):
     path = out / CHECKPOINT
     if not zipfile.is_zipfile(path):  # torch.save writes a zip: a quick look before the model loads
         raise UserError(damaged(path, "not a zip archive: truncated or overwritten"))
-    longer = [f"--{key.replace('_', '-')} {old.get(key)} → {settings.get(key)}" for key in RUN_LENGTH
-              if key in old and old[key] != settings.get(key)]
+    longer = [f"--{key.replace('_', '-')} {old.get(key)} → {settings.get(key)}"
+              for key in RUN_LENGTH if key in old and old[key] != settings.get(key)]
     if longer:
-        print(f"note: --resume with {', '.join(longer)}: the learning rate's cosine now ends at the "
-              "new length")
+        print(f"note: --resume with {', '.join(longer)}: the learning rate's cosine now ends at "
+              "the new length")
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
@@ -416,11 +416,15 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
 
 # ---------------------------------------------------------------- metrics.jsonl and loss.png
 
-def record_effective(out: Path, changed: dict):
+def record_effective(out: Path, given, effective):
     """Settings the run had to change (--seq-len beyond the model's context, --warmup-steps longer
-    than the run), as config.json's "effective": the given values stay where --resume compares."""
-    config = json.loads((out / CONFIG).read_text())
-    write_json(out / CONFIG, {**config, "effective": changed})
+    than the run) go into config.json as "effective"; the given values stay where --resume
+    compares them."""
+    before, after = settings_of(given), settings_of(effective)
+    changed = {key: value for key, value in after.items() if before.get(key) != value}
+    if changed:
+        config = json.loads((out / CONFIG).read_text())
+        write_json(out / CONFIG, {**config, "effective": changed})
 
 
 def log_metrics(out: Path, row: dict):

@@ -137,7 +137,8 @@ def check_vocabulary(tokenizer, model_vocab: int):
     name = tokenizer.path.name
     if tokenizer.vocab_size > model_vocab:
         raise UserError(f"tokenizer {name} has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model_vocab}: they belong to different models (pass the right --tokenizer)")
+                        f"{model_vocab}: they belong to different models "
+                        "(pass the right --tokenizer)")
     if model_vocab - tokenizer.vocab_size > 1024:
         raise UserError(f"the model has {model_vocab} token embeddings but tokenizer {name} only "
                         f"{tokenizer.vocab_size} tokens: they belong to different models "

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a LLaMA-family model, in one loop you can read.
 
-    python train_sft.py                                       # built-in demo: tiny model, no downloads
+    python train_sft.py                                       # the demo: a tiny model, no downloads
     python train_sft.py --checkpoint DIR --data alpaca.json   # the real thing (LoRA by default)
     torchrun --nproc_per_node=2 train_sft.py ...              # the same on 2 GPUs (distributed.py)
 
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,14 +36,14 @@ from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_a
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer
 from records import load_records, split_train_val
-from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out, record_effective,
-                     save_state)
+from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out,
+                     record_effective, save_state)
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
 def main(argv=None):
     config = parse_args(argv)
-    dist = start_distributed()  # torchrun: FSDP2 data parallel (distributed.py); otherwise None
+    dist = start_distributed()  # torchrun: data parallel (distributed.py); otherwise None
     if dist:
         config = replace(config, device=dist.device, world_size=dist.world)
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
@@ -52,25 +52,22 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, log)
     given = config
-    config, batches, val_batches, sample_prompt = load_data(config, tokenizer, model, log)
-    changed = {k: getattr(config, k) for k in ("seq_len", "warmup_steps") if getattr(config, k) != getattr(given, k)}
-    if changed and log.speaks:  # said in a note by load_data; recorded beside the given values
-        record_effective(out, changed)
+    config, batches, validation = load_data(config, tokenizer, model, log)
+    if log.speaks:
+        record_effective(out, given, config)  # what load_data had to change, beside what was given
     if dist:
         dist.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
     if config.compile:
         compile_for_training(model)
-    longest = max(batch["tokens"].shape[1] for batch in batches.batches)  # the widest batch's tokens
-    memory = estimate_memory(model, replace(config, seq_len=min(config.seq_len, longest)))
+    memory = estimate_memory(model, replace(config, seq_len=batches.longest))
     log.say(memory_line(memory, config.device))
     optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
     if config.resume and log.speaks:
         drop_metrics_after(out, step)
-    train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prompt, config, out, log,
-          step, dist)
+    train(model, optimizer, scaler, batches, validation, config, out, log, step, dist)
     log.say(peak_memory_line(memory, config.device))
     if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None
         model = dist.gather_model(model, optimizer, build=lambda: build_model(
@@ -81,14 +78,11 @@ def main(argv=None):
         dist.exit()
 
 
-def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prompt, config, out, log,
-          step, dist=None):
-    """The loop: one optimizer step per iteration, a checkpoint and an evaluation every so often."""
+def train(model, optimizer, scaler, batches, validation, config, out, log, step, dist=None):
+    """The loop: one optimizer step per iteration; a checkpoint and an evaluation every so often."""
     total = batches.total_steps
-    template = data.get_template(config.template)
-    if val_batches and step == 0:  # where training starts from, to compare the evaluations with
-        val_loss = evaluate(model, val_batches, config.device, config.precision, config.loss_chunk)
-        log.evaluation(0, val_loss, show_sample(model, tokenizer, template, sample_prompt), out)
+    if validation and step == 0:  # where training starts from, to compare the evaluations with
+        log.evaluation(0, *validation.run(model, config), out)
     log.start(total, step)
     model.train()
     try:
@@ -102,38 +96,38 @@ def train(model, optimizer, scaler, batches, val_batches, tokenizer, sample_prom
             if dist:  # this rank's part of the step (and its divisor: see Distributed.share)
                 micro, n_targets = dist.share(micro, n_targets)
             started = time.perf_counter()
-            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler,
-                                         sync=dist and dist.gradient_sync)
+            sync = dist.gradient_sync if dist else None
+            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler, sync)
             seconds = time.perf_counter() - started  # the step alone, not evaluations or saves
             if dist:
                 loss = dist.mean(loss)
             if not math.isfinite(loss):
                 raise UserError(nan_message(loss, step, config, out))
             step += 1
-            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": round(real_tokens / max(seconds, 1e-9)), "peak_mem_gib": peak_gib(config)}
-            log.step(row, out)
-            if step % config.save_every == 0 or step == total:  # saved before evaluating: nothing to lose
+            log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": round(real_tokens / max(seconds, 1e-9)),
+                      "peak_mem_gib": peak_gib(config)}, out)
+            if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 save_state(out, model, optimizer, scaler, step, dist)
-            if val_batches and (step % config.eval_every == 0 or step == total):
-                val_loss = evaluate(model, val_batches, config.device, config.precision, config.loss_chunk)
-                log.evaluation(step, val_loss, show_sample(model, tokenizer, template, sample_prompt), out)
+            if validation and (step % config.eval_every == 0 or step == total):
+                log.evaluation(step, *validation.run(model, config), out)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (stop_on_sigterm): save, say how to go on
         log.close()
         save_state(out, model, optimizer, scaler, step, dist)
-        print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the same "
-              "command plus --resume", file=sys.stderr)
+        print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the "
+              "same command plus --resume", file=sys.stderr)
         sys.exit(130)
     log.close()
 
 
 def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None, sync=None):
-    """One optimizer step over the accumulated micro-batches: (mean loss per target token, grad norm).
+    """One optimizer step over the accumulated micro-batches: (mean loss per target, grad norm).
     n_targets counts the target tokens of the whole step. (Under torchrun: see Distributed.share,
     and `sync` averages the ranks' gradients when FSDP does not.)"""
     total = 0.0
     for batch in micro_batches:
-        loss = batch_loss(model, batch, config.device, config.precision, config.loss_chunk) / max(n_targets, 1)
+        loss_sum = batch_loss(model, batch, config.device, config.precision, config.loss_chunk)
+        loss = loss_sum / max(n_targets, 1)
         (scaler.scale(loss) if scaler else loss).backward()  # gradients add up over micro-batches
         total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -155,13 +149,13 @@ def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None, 
 def batch_loss(model, batch, device, precision, loss_chunk=0):
     """model.loss of one batch (Σ cross-entropy over its target tokens), under autocast at
     `precision`. Only the model's inputs go to the device: "lengths" is for the log."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "positions", "doc_ids")
-              if batch.get(k) is not None}
+    inputs = {k: batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None
+              for k in ("tokens", "labels", "positions", "doc_ids")}
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=PRECISIONS[precision],
                               enabled=precision != "fp32")  # fp32: no autocast, all in float32
     with autocast:
-        return model.loss(inputs["tokens"], inputs["labels"], inputs.get("positions"), inputs.get("doc_ids"),
-                          chunk_size=loss_chunk)
+        return model.loss(inputs["tokens"], inputs["labels"], inputs["positions"],
+                          inputs["doc_ids"], chunk_size=loss_chunk)
 
 
 def count_targets(batch) -> int:
@@ -174,9 +168,9 @@ def evaluate(model, batches, device, precision, loss_chunk=0) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for b in batches:
-        total += float(batch_loss(model, b, device, precision, loss_chunk))
-        count += count_targets(b)
+    for batch in batches:
+        total += float(batch_loss(model, batch, device, precision, loss_chunk))
+        count += count_targets(batch)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -195,7 +189,8 @@ def make_optimizer(model, lr, weight_decay, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=str(device).startswith("cuda"))
+    fused = str(device).startswith("cuda")  # one kernel for all parameters on a GPU
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
 # ── Setting up: the model, the data ─────────────────────────────────────────────────────────────
@@ -218,15 +213,15 @@ def build_model(config: TrainConfig, log):
             from quant import quantize_model
             quantize_model(model, compute_dtype=base_dtype)
     else:
-        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)  # cheap: checked first
+        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)  # cheap, so first
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
     if config.method in ("lora", "qlora"):
         torch.manual_seed(config.seed)
-        s = config.lora
-        apply_lora(model, parse_targets(s.targets), r=s.r, alpha=s.alpha, dropout=s.dropout,
-                   rslora=s.rslora, dora=s.dora)
+        lora = config.lora
+        apply_lora(model, parse_targets(lora.targets), r=lora.r, alpha=lora.alpha,
+                   dropout=lora.dropout, rslora=lora.rslora, dora=lora.dora)
     model.grad_checkpointing = config.grad_ckpt
     trainable, total = count_parameters(model)
     log.say(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
@@ -235,13 +230,14 @@ def build_model(config: TrainConfig, log):
 
 
 def load_data(config: TrainConfig, tokenizer, model, log):
-    """Records → (input_ids, labels) → the batches of every step. Returns the config with
-    seq_len capped at the model's context, the step batches, the validation batches and the
-    prompt answered at each evaluation."""
-    if config.seq_len > model.config.max_seq_len:
-        log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; using "
-                f"{model.config.max_seq_len}")
-        config = replace(config, seq_len=model.config.max_seq_len)
+    """Records → (input_ids, labels) → the batches of every step. Returns the config (with what had
+    to change: a --seq-len past the model's context, a warmup longer than the run), the step
+    batches, and the Validation of each evaluation (None without validation data)."""
+    context = model.config.max_seq_len
+    if config.seq_len > context:
+        log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; "
+                f"using {context}")
+        config = replace(config, seq_len=context)
     records = load_records(config.data)
     if config.val_data:
         train_records, val_records = records, load_records(config.val_data)
@@ -253,35 +249,53 @@ def load_data(config: TrainConfig, tokenizer, model, log):
     val_examples = []
     if val_records:
         val_examples, _ = data.encode_dataset(val_records, tokenizer, template, config.seq_len,
-                                              config.train_on_prompt, source=config.val_data or config.data)
-    log.say(f"data: {stats['records']} training records → {stats['kept']} kept, {stats['truncated']} "
-            f"truncated, {stats['dropped']} dropped; {len(val_examples)} validation examples")
+                                              config.train_on_prompt,
+                                              source=config.val_data or config.data)
+    log.say(f"data: {stats['records']} training records → {stats['kept']} kept, "
+            f"{stats['truncated']} truncated, {stats['dropped']} dropped; "
+            f"{len(val_examples)} validation examples")
     options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing)
     per_step = config.grad_accum * config.world_size  # micro-batches per optimizer step, all ranks
     batches = StepBatches(train_examples, config.batch_size, per_step, seed=config.seed, **options)
-    batches.total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches.per_epoch / per_step))
-    val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options) if val_examples else []
-    log.say(f"batches: {batches.per_epoch} micro-batches per epoch, {batches.total_steps} optimizer steps "
-            f"(batch {config.batch_size} × accumulation {config.grad_accum} × {config.world_size} ranks), "
-            f"{100 * batch_efficiency(batches.batches):.1f}% of batch tokens are real")
+    batches.total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches.per_epoch
+                                                               / per_step))
+    log.say(f"batches: {batches.per_epoch} micro-batches per epoch, {batches.total_steps} "
+            f"optimizer steps (batch {config.batch_size} × accumulation {config.grad_accum} × "
+            f"{config.world_size} ranks), {100 * batch_efficiency(batches.batches):.1f}% of batch "
+            "tokens are real")
     if config.warmup_steps >= batches.total_steps:  # the peak learning rate would never be reached
         warmup = max(1, batches.total_steps // 10)
         log.say(f"note: --warmup-steps {config.warmup_steps} is not shorter than the run "
                 f"({batches.total_steps} steps); warming up for {warmup} steps (10%) instead")
         config = replace(config, warmup_steps=warmup)
+    if not val_examples:
+        return config, batches, None
     # The prompt answered at each evaluation: a held-out one, except in the demo, whose tiny model
     # can only memorise, so there it answers a training prompt.
-    demo = config.checkpoint is None
-    sample_prompt = config.sample_prompt or (val_records[0] if val_records and not demo else train_records[0])
-    return config, batches, val_batches, sample_prompt
+    prompt = config.sample_prompt
+    if prompt is None:
+        prompt = train_records[0] if config.checkpoint is None else val_records[0]
+    val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options)
+    return config, batches, Validation(val_batches, tokenizer, template, prompt)
+
+
+@dataclass
+class Validation:
+    """What each evaluation looks at: the held-out batches, and one prompt answered greedily."""
+    batches: list
+    tokenizer: object
+    template: object
+    prompt: object  # an instruction (str) or a record
+
+    def run(self, model, config) -> tuple[float, str]:
+        """(mean held-out loss per target token, the model's answer to the prompt)."""
+        loss = evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
+        ids = data.encode_prompt(self.prompt, self.tokenizer, self.template)
+        answer = generate(model, self.tokenizer, ids, max_new_tokens=48, temperature=0.0)
+        return loss, self.tokenizer.decode(list(answer))
 
 
 # ── Finishing: what the user came for ───────────────────────────────────────────────────────────
-
-def show_sample(model, tokenizer, template, prompt, max_new_tokens=48) -> str:
-    ids = data.encode_prompt(prompt, tokenizer, template)
-    return tokenizer.decode(list(generate(model, tokenizer, ids, max_new_tokens, temperature=0.0)))
-
 
 def finish(config: TrainConfig, out: Path, model, tokenizer):
     """Write the adapter (LoRA) or the model (full), and with --merge the merged model in our
@@ -291,7 +305,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
         from export import export_peft
         save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
         export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
-        print(f"saved the adapter to {out / 'adapter'} (and in PEFT's layout to {out / 'peft'})")
+        print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
         if config.merge:
             merge_lora(model)
     if config.method == "full" or config.merge:
@@ -305,7 +319,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     plot_losses(out)
 
 
-# ── The command line ────────────────────────────────────────────────────────────────────────────
+# ── Around the loop ─────────────────────────────────────────────────────────────────────────────
 
 def start_distributed():
     """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
@@ -329,7 +343,8 @@ def nan_message(loss, step, config, out) -> str:
         saved = f"The last good checkpoint is in {out}"
     else:
         saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
-    return f"loss is {loss} at step {step + 1}; stopped before updating the weights ({hint}). {saved}"
+    return (f"loss is {loss} at step {step + 1}; stopped before updating the weights ({hint}). "
+            f"{saved}")
 
 
 # ── What the user sees ──────────────────────────────────────────────────────────────────────────
@@ -347,7 +362,8 @@ class Log:
             print(text, flush=True)
 
     def start(self, total: int, done: int):
-        self.total, self.every = total, max(1, total // 20)
+        self.total = total
+        self.every = max(1, total // 20)
         if self.speaks and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
 
@@ -366,7 +382,7 @@ class Log:
 
     def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
         if self.speaks:
-            perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among that many
+            perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among so many
             log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
             text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
             self.write(f"{text}\n  sample: {sample!r}")
