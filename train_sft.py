@@ -101,8 +101,9 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
             seconds = time.perf_counter() - started  # the step alone, not evaluations or saves
             if dist:
                 loss = dist.mean(loss)
-            if not math.isfinite(loss):
-                raise UserError(nan_message(loss, step, config, out))
+            diverged = not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm))
+            if diverged:  # (fp16's loss scaling skips an overflowing step by itself: not an error)
+                raise UserError(nan_message(loss, grad_norm, step, config, out))
             step += 1
             log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": round(real_tokens / max(seconds, 1e-9)),
@@ -337,13 +338,14 @@ def stop_on_sigterm():
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def nan_message(loss, step, config, out) -> str:
+def nan_message(loss, grad_norm, step, config, out) -> str:
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     hint = "try --precision bf16 or fp32" if config.precision == "fp16" else "try a lower --lr"
     if (out / "checkpoint.pt").exists():
         saved = f"The last good checkpoint is in {out}"
     else:
         saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
-    return (f"loss is {loss} at step {step + 1}; stopped before updating the weights ({hint}). "
+    return (f"{what} at step {step + 1}; stopped before updating the weights ({hint}). "
             f"{saved}")
 
 

@@ -335,6 +335,17 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsy
         assert not (out / "checkpoint.pt").exists()
 
 
+def test_a_non_finite_gradient_stops_the_run_too(tmp_path, demo_data):
+    """lr 1e4 wrecks the weights in one step: the next loss is still finite, but its gradient is
+    not. The run stops there with one line, instead of going on without updating anything."""
+    out = tmp_path / "out"
+    text = fails_with(demo_argv(demo_data[0], out, "--max-steps", 10, "--lr", 1e4, "--warmup-steps", 0,
+                                "--grad-clip", 0), "the gradient norm is nan at step 2; stopped before "
+                                                   "updating the weights (try a lower --lr)")
+    assert "No checkpoint was saved before it" in text
+    assert train_losses(out).keys() == {1}
+
+
 # ---------------------------------------------------------------- 6. Ctrl-C
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys, demo_data):
