@@ -77,17 +77,18 @@ DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidd
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """The flags, each a field of TrainConfig with its default; every value checked."""
+def parse_args(argv=None, description: str | None = None) -> TrainConfig:
+    """The flags, each a field of TrainConfig with its default; every value checked.
+    `description` is what --help prints first (train_sft.py's docstring)."""
     d = TrainConfig()
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=description)
     a = p.add_argument
     a("--checkpoint", help="pretrained checkpoint: HF dir, Meta dir, llama2.c .bin/.pt, .gguf, or "
-      "ours (omitted: the built-in demo, a tiny random model with its own defaults)")
+      "ours (default: none, the built-in demo, a tiny random model with its own defaults)")
     a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
       "--checkpoint)")
-    a("--data", help="training data: Alpaca or chat records, JSON or JSONL (the demo: "
-      "examples/alpaca_demo.json)")
+    a("--data", help="training data: Alpaca or chat records, JSON or JSONL (required with "
+      "--checkpoint; default for the demo: examples/alpaca_demo.json)")
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")

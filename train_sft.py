@@ -42,7 +42,7 @@ from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
 def main(argv=None):
-    config = parse_args(argv)
+    config = parse_args(argv, description=__doc__)
     dist = start_distributed()  # torchrun: data parallel (distributed.py); otherwise None
     if dist:
         config = replace(config, device=dist.device, world_size=dist.world)

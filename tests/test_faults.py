@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, help_blocks
 from errors import run_cli
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
@@ -137,15 +137,7 @@ def bench_in_process(argv, capsys):
 def test_bench_help_gives_every_flag_a_text_and_its_default(capsys):
     code, out, _ = bench_in_process(["--help"], capsys)
     assert code == 0
-    blocks, flag = {}, None
-    for line in out.splitlines():
-        if line.startswith("  -"):
-            flag = line.split()[0].split(",")[0]
-            blocks[flag] = line
-        elif flag and line.startswith("    "):
-            blocks[flag] += " " + line.strip()
-        else:
-            flag = None
+    blocks = help_blocks(out)
     assert {"--shape", "--seq-len", "--device", "--steps", "--warmup", "--compile"} <= blocks.keys()
     for flag, block in blocks.items():
         if flag != "-h":

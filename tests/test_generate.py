@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import shared_path
+from conftest import help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate, sample_next
 from generate import main as generate_main
@@ -241,21 +241,6 @@ def test_generate_refuses_zero_new_tokens(stories):
     model, tok = stories
     with pytest.raises(UserError, match=r"^max_new_tokens must be at least 1 \(got 0\)$"):
         list(generate(model, tok, [1, 403], max_new_tokens=0))
-
-
-def help_blocks(text: str) -> dict:
-    """{flag: its lines in --help}: a block starts at a line '  --flag ...'."""
-    blocks = {}
-    flag = None  # the flag whose block is being read
-    for line in text.splitlines():
-        if line.startswith("  -"):
-            flag = line.split()[0].split(",")[0]
-            blocks[flag] = line
-        elif flag and line.startswith("    "):
-            blocks[flag] += " " + line.strip()
-        else:
-            flag = None
-    return blocks
 
 
 def test_help_gives_every_flag_a_text_and_its_default(capsys):

@@ -21,7 +21,7 @@ import batching
 import data
 import train_sft
 from checkpoint import load_checkpoint
-from conftest import ROOT, shared_path
+from conftest import ROOT, help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate
 from lora import load_adapter
@@ -556,3 +556,13 @@ def test_the_demo_runs_from_any_directory(tmp_path):
                            "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_help_gives_every_flag_a_text_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--help"])
+    blocks = help_blocks(capsys.readouterr().out)
+    assert {"--checkpoint", "--seed", "--device", "--lr", "--pure-bf16", "--lora-r"} <= blocks.keys()
+    for flag, block in blocks.items():
+        if flag != "-h":
+            assert "default" in block, block
