@@ -129,7 +129,7 @@ def main(argv=None):
     trainable, _ = count_parameters(model)  # (before sharding)
     settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len,
                            device=a.device, precision=precision, grad_ckpt=a.grad_ckpt,
-                           loss_chunk=a.loss_chunk)
+                           loss_chunk=a.loss_chunk, world_size=world)
     # what train_sft.py prints before training
     estimate = estimate_memory(model, settings)["total"]
     if dist:

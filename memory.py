@@ -17,7 +17,8 @@ from lora import lora_layers
 def estimate_memory(model, config) -> dict:
     """Rough GiB a training run needs on the GPU, by kind: the weights; a gradient and two AdamW
     moments for each trainable weight; the activations kept for the backward pass; the logits of
-    one loss chunk. `config` gives batch_size, seq_len, precision, grad_ckpt and loss_chunk."""
+    one loss chunk, on each GPU. `config` gives method, batch_size, seq_len, precision, grad_ckpt,
+    loss_chunk and world_size (torchrun: full fine-tuning shards weights and AdamW state)."""
     c = model.config
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -41,8 +42,9 @@ def estimate_memory(model, config) -> dict:
     logit_rows = min(tokens, config.loss_chunk) if config.loss_chunk else tokens
     # float32 logits, their gradient, and the matmul's output in the compute dtype
     logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes)
-    estimate = dict(weights=weights, gradients=trainable_bytes, optimizer=2 * trainable_bytes,
-                    activations=activations, logits=logits)
+    shards = config.world_size if config.method == "full" else 1  # FSDP: 1/world of each, a rank
+    estimate = dict(weights=weights / shards, gradients=trainable_bytes / shards,
+                    optimizer=2 * trainable_bytes / shards, activations=activations, logits=logits)
     estimate = {kind: size / 2**30 for kind, size in estimate.items()}
     estimate["total"] = sum(estimate.values())
     return estimate

@@ -15,24 +15,27 @@ from train_sft import DEMO_CONFIG, TrainConfig
 SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
                       vocab_size=49152, rope_theta=100000.0, max_seq_len=8192,
                       tie_embeddings=True)
-# (shape, method, batch, seq, grad_ckpt, LoRA dropout, pure bf16, measured peak GiB). bench.py rows:
+# (shape, method, batch, seq, grad_ckpt, LoRA dropout, pure bf16, GPUs, measured peak GiB per GPU).
+# bench.py rows:
 # --compile, LoRA r=16 on all seven projections, no dropout. SmolLM2 rows: train_sft.py, eager,
 # dropout 0.05, batch 8 of Alpaca records whose widest batch is 471 tokens.
 MEASURED = [
-    ("llama-3.2-1b", "lora", 8, 2048, False, 0.0, False, 23.76),
-    ("llama-3.2-1b", "full", 8, 2048, False, 0.0, False, 39.66),
-    ("llama-3.2-1b", "full", 8, 2048, False, 0.0, True, 29.26),
-    ("llama-3.2-1b", "full", 8, 2048, True, 0.0, False, 20.05),
-    ("llama-3-8b", "lora", 2, 2048, False, 0.0, False, 35.18),
-    ("llama-3-8b", "lora", 2, 4096, False, 0.0, False, 53.32),
-    ("llama-3-8b", "lora", 1, 2048, True, 0.0, False, 17.52),
-    ("llama-3-8b", "lora", 4, 2048, True, 0.0, False, 19.71),
-    ("llama-2-7b", "lora", 4, 2048, False, 0.0, False, 48.19),
-    ("llama-3-8b", "qlora", 2, 2048, True, 0.0, False, 8.44),
-    ("llama-3-70b", "qlora", 1, 2048, True, 0.0, False, 44.04),
-    ("smollm2", "lora", 8, 471, False, 0.05, False, 4.52),
-    ("smollm2", "qlora", 8, 471, False, 0.05, False, 4.37),
-    ("smollm2", "full", 8, 471, False, 0.0, False, 6.57),
+    ("llama-3.2-1b", "lora", 8, 2048, False, 0.0, False, 1, 23.76),
+    ("llama-3.2-1b", "full", 8, 2048, False, 0.0, False, 1, 39.66),
+    ("llama-3.2-1b", "full", 8, 2048, False, 0.0, True, 1, 29.26),
+    ("llama-3.2-1b", "full", 8, 2048, True, 0.0, False, 1, 20.05),
+    ("llama-3-8b", "lora", 2, 2048, False, 0.0, False, 1, 35.18),
+    ("llama-3-8b", "lora", 2, 4096, False, 0.0, False, 1, 53.32),
+    ("llama-3-8b", "lora", 1, 2048, True, 0.0, False, 1, 17.52),
+    ("llama-3-8b", "lora", 4, 2048, True, 0.0, False, 1, 19.71),
+    ("llama-2-7b", "lora", 4, 2048, False, 0.0, False, 1, 48.19),
+    ("llama-3-8b", "qlora", 2, 2048, True, 0.0, False, 1, 8.44),
+    ("llama-3-70b", "qlora", 1, 2048, True, 0.0, False, 1, 44.04),
+    ("smollm2", "lora", 8, 471, False, 0.05, False, 1, 4.52),
+    ("smollm2", "qlora", 8, 471, False, 0.05, False, 1, 4.37),
+    ("smollm2", "full", 8, 471, False, 0.0, False, 1, 6.57),
+    ("llama-3-8b", "full", 1, 2048, True, 0.0, False, 2, 66.61),  # torchrun, FSDP: 2× H200
+    ("llama-3-8b", "full", 1, 2048, True, 0.0, True, 2, 33.34),
 ]
 
 
@@ -56,12 +59,12 @@ def meta_model(shape, method, dropout, pure_bf16):
     return model
 
 
-@pytest.mark.parametrize("shape,method,batch,seq,ckpt,dropout,pure_bf16,measured", MEASURED)
+@pytest.mark.parametrize("shape,method,batch,seq,ckpt,dropout,pure_bf16,gpus,measured", MEASURED)
 def test_estimate_within_a_quarter_of_the_measured_peak(shape, method, batch, seq, ckpt, dropout,
-                                                        pure_bf16, measured):
+                                                        pure_bf16, gpus, measured):
     model = meta_model(shape, method, dropout, pure_bf16)
     settings = TrainConfig(method=method, batch_size=batch, seq_len=seq, grad_ckpt=ckpt,
-                           precision="bf16", loss_chunk=1024)
+                           precision="bf16", loss_chunk=1024, world_size=gpus)
     estimate = estimate_memory(model, settings)["total"]
     assert 0.75 <= estimate / measured <= 1.25, (f"estimate {estimate:.2f} GiB, "
                                                  f"measured {measured} GiB")
