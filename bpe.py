@@ -38,7 +38,7 @@ GGUF_PRE_PATTERNS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
 STOP_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"]
 
 
-# ── Byte-level BPE (GPT-2's format) ──────────────────────────────────────────────────────────────
+# -- Byte-level BPE (GPT-2's format) --------------------------------------------------------------
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: the pattern cuts the text into pieces; each piece starts as its UTF-8
@@ -147,13 +147,14 @@ def gpt2_token_text(token: bytes) -> str:
 
 
 def _merge_pair(merge) -> tuple:
-    """(left, right) bytes of a merge written "Ġ t" (older files, GGUF) or ["Ġ", "t"] (newer files).
-    GPT-2's alphabet writes a space as 'Ġ', so the space in "Ġ t" only separates the two parts."""
+    """(left, right) bytes of a merge written "Ġ t" (older files, GGUF) or ["Ġ", "t"] (newer
+    files). GPT-2's alphabet writes a space as 'Ġ', so the space in "Ġ t" only separates the two
+    parts."""
     left, right = merge.split(" ") if isinstance(merge, str) else merge
     return gpt2_token_bytes(left), gpt2_token_bytes(right)
 
 
-# ── Hugging Face tokenizer.json ──────────────────────────────────────────────────────────────────
+# -- Hugging Face tokenizer.json ------------------------------------------------------------------
 
 def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
     """A byte-level BPE `tokenizer.json`, with `tokenizer_config.json` (BOS, EOS, add_bos,
@@ -269,7 +270,7 @@ def _chat_template(path: Path, config: dict) -> str | None:
     return template
 
 
-# ── llama.cpp GGUF ───────────────────────────────────────────────────────────────────────────────
+# -- llama.cpp GGUF -------------------------------------------------------------------------------
 
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 is a normal token)
 
@@ -304,7 +305,7 @@ def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
                         add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
 
 
-# ── Writing tokenizer.json ───────────────────────────────────────────────────────────────────────
+# -- Writing tokenizer.json -----------------------------------------------------------------------
 
 def tokenizer_json(tokenizer: BPETokenizer) -> dict:
     """Hugging Face's tokenizer.json for a byte-level BPE tokenizer: the same vocabulary, merges

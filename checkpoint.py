@@ -240,8 +240,9 @@ def config_to_hf(config: ModelConfig) -> dict:
 def hf_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
     """Hugging Face's RoPE rotates the two *halves* of each head ("rotate_half"); Meta's rotates
     adjacent *pairs*. HF's converter therefore reorders the rows of q_proj and k_proj within each
-    head, pairs (0,1),(2,3),… → evens first then odds, which makes the two rotations agree. We keep
-    Meta's order, so HF weights are put back on load and reordered again on export, here only."""
+    head, pairs (0,1),(2,3),... → evens first then odds, which makes the two rotations agree. We
+    keep Meta's order, so HF weights are put back on load and reordered again on export, here
+    only."""
     rows, cols = w.shape
     half = rows // n_heads // 2
     if to_hf:

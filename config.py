@@ -20,7 +20,7 @@ DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
 
 @dataclass
 class LoRASettings:
-    """The adapters (lora.py): y = x Wᵀ + (alpha/r) · dropout(x) Aᵀ Bᵀ on each target layer."""
+    """The adapters (lora.py): y = x Wᵀ + (alpha/r)·dropout(x) Aᵀ Bᵀ on each target layer."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05

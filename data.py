@@ -32,11 +32,11 @@ big batch.
 Exact prompt/answer boundary. The masked prompt must be exactly what generation sees,
 encode_prompt(), so it is tokenized on its own. The answer must continue it as one text would:
 SentencePiece (Llama-2) puts a "▁" (space) before the first word of every separately encoded
-string, so encode("Paris") is "▁Paris", while after "### Response:\n" the text "Paris" is tokenized
-without it. `encode_text(..., continuation=True)` encodes "\n" + answer and drops the ids of "\n":
-newlines are byte tokens in every LLaMA SentencePiece vocabulary and never merge, so what follows
-is tokenized as it is in the full text. Llama-3's tiktoken adds no prefix, and Meta's own chat
-format encodes each piece separately.
+string, so encode("Paris") is "▁Paris", while after "### Response:\n" the text "Paris" is
+tokenized without it. `encode_text(..., continuation=True)` encodes "\n" + answer and drops the
+ids of "\n": newlines are byte tokens in every LLaMA SentencePiece vocabulary and never merge, so
+what follows is tokenized as it is in the full text. Llama-3's tiktoken adds no prefix, and Meta's
+own chat format encodes each piece separately.
 """
 import re
 import sys
@@ -48,7 +48,7 @@ from model import IGNORE_INDEX
 from records import load_records, normalize_record
 from tokenizer import SentencePieceTokenizer, Tokenizer
 
-# ── One example: the prompt is masked, the answer and its end token are trained on ──────────────
+# -- One example: the prompt is masked, the answer and its end token are trained on ---------------
 
 def encode_example(record: dict, tokenizer: Tokenizer, template: "Template", max_seq_len: int,
                    train_on_prompt: bool = False) -> tuple[list[int], list[int]] | None:
@@ -105,7 +105,7 @@ def encode_prompt(text_or_record, tokenizer: Tokenizer, template: "Template") ->
     return ids
 
 
-# ── Templates: how a conversation is written out ─────────────────────────────────────────────────
+# -- Templates: how a conversation is written out -------------------------------------------------
 
 @dataclass(frozen=True)
 class Template:
@@ -184,7 +184,7 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-# ── Tokenizing a conversation ────────────────────────────────────────────────────────────────────
+# -- Tokenizing a conversation --------------------------------------------------------------------
 
 def encode_text(text: str, tokenizer: Tokenizer, continuation: bool = False) -> list[int]:
     """Ids of `text`; with continuation=True, as the text is tokenized when it follows earlier
@@ -263,7 +263,7 @@ def tokenize_conversation(record: dict, tokenizer: Tokenizer, template: Template
     return ids, is_answer
 
 
-# ── A whole data set ─────────────────────────────────────────────────────────────────────────────
+# -- A whole data set -----------------------------------------------------------------------------
 
 def percentile(sorted_values: list, p: float) -> float:
     """Linear interpolation between the two nearest ranks (numpy's default definition)."""
@@ -304,7 +304,7 @@ def encode_dataset(records: list[dict], tokenizer: Tokenizer, template: Template
         "max": lengths[-1]}
 
 
-# ── CLI: look at what the model will be trained on ───────────────────────────────────────────────
+# -- CLI: look at what the model will be trained on -----------------------------------------------
 
 def format_example(ids: list[int], labels: list[int], tokenizer: Tokenizer,
                    color: bool = False) -> str:
@@ -357,7 +357,8 @@ def main(argv=None):
     how_marked = "green" if color else "in [[ ]]"
     for number, (ids, labels) in enumerate(examples[:args.show], 1):
         n_target = sum(label != IGNORE_INDEX for label in labels)
-        print(f"── example {number}: {len(ids)} tokens, {n_target} trained on ({how_marked}) ──")
+        heading = f"example {number}: {len(ids)} tokens, {n_target} trained on ({how_marked})"
+        print(f"── {heading} ──")
         print(format_example(ids, labels, tokenizer, color) + "\n")
     print(f"records {stats['records']}: kept {stats['kept']} ({stats['truncated']} truncated to "
           f"{args.seq_len} tokens), dropped {stats['dropped']} (prompt alone fills --seq-len)")

@@ -211,8 +211,8 @@ class Attention(nn.Module):
         q, k = apply_rotary_embedding(q, cos, sin), apply_rotary_embedding(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # softmax(q·kᵀ/√head_dim + mask)·v; with no mask given, the plain causal mask (lets SDPA
-        # pick its flash kernel). enable_gqa lets each kv head serve its group without a copy.
+        # softmax(q·kᵀ/√head_dim + mask)·v; with no mask given, the plain causal mask (lets
+        # SDPA pick its flash kernel). enable_gqa lets each kv head serve its group without a copy.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -78,7 +78,8 @@ def settings_of(config) -> dict:
 
 
 def flat_settings(settings: dict) -> dict:
-    """Nested groups as one level, as the flags spell them: {"lora": {"r": 16}} → {"lora_r": 16}."""
+    """Nested groups as one level, as the flags spell them: {"lora": {"r": 16}} becomes
+    {"lora_r": 16}."""
     flat = {}
     for key, value in settings.items():
         if isinstance(value, dict) and key != "inputs":
@@ -288,8 +289,8 @@ def check_resume(out: Path, old: dict, settings: dict, inputs: dict):
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:
-    """'name old → new' for every setting of RESUME_MUST_MATCH that differs. Settings that an older
-    run did not record are not compared: it cannot say what they were."""
+    """'name old → new' for every setting of RESUME_MUST_MATCH that differs. Settings that an
+    older run did not record are not compared: it cannot say what they were."""
     old_flat, new_flat = flat_settings(old), flat_settings(new)
     changed = []
     for key in RESUME_MUST_MATCH:
@@ -329,7 +330,8 @@ def input_difference(key: str, before, now, old_inputs: dict | None, new_inputs:
             return None
         if old_in["path"] == new_in["path"]:
             old_hash, new_hash = old_in["sha256"][:12], new_in["sha256"][:12]
-            return f"{key} {now!r} changed since the run started (sha256 {old_hash}… → {new_hash}…)"
+            hashes = f"sha256 {old_hash}… → {new_hash}…"
+            return f"{key} {now!r} changed since the run started ({hashes})"
         return f"{key} {before!r} → {now!r} (other content)"
     return None if old_in["path"] == new_in["path"] else f"{key} {before!r} → {now!r}"
 

@@ -194,7 +194,7 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
-# ── Setting up: the model, the data ─────────────────────────────────────────────────────────────
+# -- Setting up: the model, the data --------------------------------------------------------------
 
 def build_model(config: TrainConfig, log):
     """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
@@ -231,8 +231,8 @@ def build_model(config: TrainConfig, log):
 
 
 def load_data(config: TrainConfig, tokenizer, model, log):
-    """Records → (input_ids, labels) → the batches of every step. Returns the config (with what had
-    to change: a --seq-len past the model's context, a warmup longer than the run), the step
+    """Records → (input_ids, labels) → the batches of every step. Returns the config (with what
+    had to change: a --seq-len past the model's context, a warmup longer than the run), the step
     batches, and the Validation of each evaluation (None without validation data)."""
     context = model.config.max_seq_len
     if config.seq_len > context:
@@ -296,7 +296,7 @@ class Validation:
         return loss, self.tokenizer.decode(list(answer))
 
 
-# ── Finishing: what the user came for ───────────────────────────────────────────────────────────
+# -- Finishing: what the user came for ------------------------------------------------------------
 
 def finish(config: TrainConfig, out: Path, model, tokenizer):
     """Write the adapter (LoRA) or the model (full), and with --merge the merged model in our
@@ -320,7 +320,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     plot_losses(out)
 
 
-# ── Around the loop ─────────────────────────────────────────────────────────────────────────────
+# -- Around the loop ------------------------------------------------------------------------------
 
 def start_distributed():
     """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
@@ -349,7 +349,7 @@ def nan_message(loss, grad_norm, step, config, out) -> str:
             f"{saved}")
 
 
-# ── What the user sees ──────────────────────────────────────────────────────────────────────────
+# -- What the user sees ---------------------------------------------------------------------------
 
 class Log:
     """Console output and metrics.jsonl. On a terminal a progress bar; in a file or a pipe (nohup,
