@@ -19,19 +19,17 @@ A run writes only into a new or empty directory, or into a run directory of this
 
 `dist` is a distributed.Distributed under torchrun, else None.
 """
-import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
 from checkpoint import atomic_write, write_json
 from errors import UserError
+from resume import INPUTS, check_resume, damaged, describe_inputs, settings_of
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
 CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"
@@ -41,77 +39,7 @@ TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 # Keys that every version of train_sft.py wrote into config.json, before RUN_FORMAT existed.
 OLD_RUN_KEYS = {"out", "data", "method", "seed", "lr", "batch_size", "resume"}
 
-# Settings that change the trained weights: a resumed run must use the same ones. Nested groups
-# are flattened: TrainConfig's lora.r is "lora_r" (see flat_settings).
-RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
-                     "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
-                     "grad_accum", "lr", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                     "precision", "pure_bf16", "loss_chunk", "packing", "world_size")
-# Settings that may change on --resume: they decide what is shown or saved, where, or how fast.
-# --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
-# change only how the same arithmetic is rounded (fused kernels, another processor): the run is
-# the same training, not bit for bit the same numbers, and turning them off or on may be what
-# lets a run go on at all (a compiler error, an out-of-memory error, another machine).
-# --epochs and --max-steps may grow (or shrink) a run: "train it longer" resumes where it stopped,
-# with the cosine schedule stretched to the new length (said in a note: see check_resume).
-RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile", "epochs", "max_steps")
-RUN_LENGTH = ("epochs", "max_steps")
-INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
-# Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".
-OLD_NAMES = {"lora_rslora": "rslora", "lora_dora": "dora"}
-
 _held_locks = {}  # run directory (resolved) -> its open lock file, locked until this process ends
-
-
-# ---------------------------------------------------------------- the settings as a dict
-
-def settings_of(config) -> dict:
-    """The run's settings as a dict of JSON values: `config` is a dataclass (TrainConfig) or an
-    argparse.Namespace. Nested dataclasses stay nested ({"lora": {"r": 16, ...}})."""
-    if dataclasses.is_dataclass(config):
-        settings = dataclasses.asdict(config)
-    else:
-        settings = dict(vars(config))
-    return {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
-
-
-def flat_settings(settings: dict) -> dict:
-    """Nested groups as one level, as the flags spell them: {"lora": {"r": 16}} becomes
-    {"lora_r": 16}."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key != "inputs":
-            flat.update({f"{key}_{name}": inner for name, inner in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_inputs(settings: dict) -> dict:
-    """Where the inputs are, resolved (so that another spelling of the same path is the same input),
-    and for the data files what they hold (size and sha256: a few seconds for gigabytes of data),
-    so that --resume notices a file that changed. A missing file is left for data.py to report."""
-    inputs = {}
-    for name in INPUTS:
-        given = settings.get(name)
-        if not given:
-            inputs[name] = None
-            continue
-        path = Path(given).resolve()
-        inputs[name] = {"path": str(path)}
-        if name in ("data", "val_data") and path.is_file():
-            inputs[name].update(bytes=path.stat().st_size, sha256=sha256_of(path))
-    return inputs
 
 
 # ---------------------------------------------------------------- what --out holds
@@ -251,7 +179,7 @@ def prepare_out(args, write=True) -> Path:
         raise UserError(f"--resume: {out} holds no run (no {CONFIG}); leave out --resume to start "
                         "one")
     if args.resume and saved:
-        check_resume(out, old, settings, inputs)
+        check_resume(out / CHECKPOINT, old, settings, inputs)
     elif saved:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
                         "another --out")
@@ -266,78 +194,6 @@ def prepare_out(args, write=True) -> Path:
     if write:
         write_json(out / CONFIG, {**settings, "run_format": RUN_FORMAT, "inputs": inputs})
     return out
-
-
-# ---------------------------------------------------------------- --resume
-
-def check_resume(out: Path, old: dict, settings: dict, inputs: dict):
-    """Refuse (one line naming every difference, nothing rewritten) a resumed run whose settings or
-    inputs would train other weights, or a checkpoint.pt that is not one."""
-    changed = changed_settings(old, {**settings, "inputs": inputs})
-    if changed:
-        raise UserError(f"--resume: {out} was trained with different settings: "
-                        f"{', '.join(changed)}; resume with the same ones, or choose another --out "
-                        "for a new run")
-    path = out / CHECKPOINT
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip: a quick look before the model loads
-        raise UserError(damaged(path, "not a zip archive: truncated or overwritten"))
-    longer = [f"--{key.replace('_', '-')} {old.get(key)} → {settings.get(key)}"
-              for key in RUN_LENGTH if key in old and old[key] != settings.get(key)]
-    if longer:
-        print(f"note: --resume with {', '.join(longer)}: the learning rate's cosine now ends at "
-              "the new length")
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    """'name old → new' for every setting of RESUME_MUST_MATCH that differs. Settings that an
-    older run did not record are not compared: it cannot say what they were."""
-    old_flat, new_flat = flat_settings(old), flat_settings(new)
-    changed = []
-    for key in RESUME_MUST_MATCH:
-        recorded, before = _setting(old_flat, key)
-        if not recorded:
-            continue
-        now = _setting(new_flat, key)[1]
-        if key in INPUTS:
-            difference = input_difference(key, before, now, old.get("inputs"), new["inputs"])
-            if difference:
-                changed.append(difference)
-        elif before != now:
-            changed.append(f"{key} {before!r} → {now!r}")
-    return changed
-
-
-def _setting(flat: dict, key: str) -> tuple[bool, object]:
-    """(recorded?, value) of a flattened setting, under its name or the name today's config uses."""
-    for name in (key, OLD_NAMES.get(key)):
-        if name in flat:
-            return True, flat[name]
-    return False, None
-
-
-def input_difference(key: str, before, now, old_inputs: dict | None, new_inputs: dict):
-    """Data files are the same when they hold the same bytes, wherever they are; a checkpoint or
-    a tokenizer when it is the same path, resolved (hashing a model of gigabytes would be slow).
-    Returns how it differs, or None."""
-    old_in = (old_inputs or {}).get(key)
-    if old_inputs is None and before:  # a run of the previous version: only the path as given
-        old_in = {"path": str(Path(before).resolve())}
-    new_in = new_inputs.get(key)
-    if old_in is None or new_in is None:
-        return None if old_in is new_in else f"{key} {before!r} → {now!r}"
-    if "sha256" in old_in and "sha256" in new_in:
-        if (old_in["sha256"], old_in["bytes"]) == (new_in["sha256"], new_in["bytes"]):
-            return None
-        if old_in["path"] == new_in["path"]:
-            old_hash, new_hash = old_in["sha256"][:12], new_in["sha256"][:12]
-            hashes = f"sha256 {old_hash}… → {new_hash}…"
-            return f"{key} {now!r} changed since the run started ({hashes})"
-        return f"{key} {before!r} → {now!r} (other content)"
-    return None if old_in["path"] == new_in["path"] else f"{key} {before!r} → {now!r}"
-
-
-def damaged(path: Path, reason: str) -> str:
-    return f"--resume: {path} is damaged ({reason}); delete it to start this run over from step 0"
 
 
 def first_line(e: Exception) -> str:

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 import lora
+import resume
 import run_dir
 import train_sft
 from checkpoint import atomic_write
@@ -156,8 +157,8 @@ def test_out_holding_others_files_is_refused(train, tmp_path, capsys, name, cont
     out = tmp_path / "somebody"
     out.mkdir()
     (out / name).write_text(content)
-    for resume in ([], ["--resume"]):
-        code, _, err = cli(demo_argv(train, out, *resume), capsys)
+    for resume_flag in ([], ["--resume"]):
+        code, _, err = cli(demo_argv(train, out, *resume_flag), capsys)
         assert_one_line_error(code, err, f"--out {out} holds files this project did not write "
                                          f"({name})")
     assert os.listdir(out) == [name]
@@ -169,7 +170,7 @@ def test_a_new_run_directory_is_marked_as_ours(train, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["run_format"] == 1
     assert config["inputs"]["data"] == {"path": str(train.resolve()), "bytes": train.stat().st_size,
-                                        "sha256": run_dir.sha256_of(train)}
+                                        "sha256": resume.sha256_of(train)}
     assert config["lr"] == 2e-3 and config["out"] == str(out)  # the settings themselves, as before
 
 
@@ -247,8 +248,8 @@ def test_a_finished_run_without_its_checkpoint_is_not_overwritten(train, tmp_pat
     train_sft.main(demo_argv(train, out))
     (out / "checkpoint.pt").unlink()  # deleted to save space: the model is what is left of the run
     before = files_of(out)
-    for resume in ([], ["--resume"]):
-        code, _, err = cli(demo_argv(train, out, *resume), capsys)
+    for resume_flag in ([], ["--resume"]):
+        code, _, err = cli(demo_argv(train, out, *resume_flag), capsys)
         assert_one_line_error(code, err, f"{out} holds the results of a finished run (model)",
                               "choose another --out")
     assert files_of(out) == before
@@ -395,8 +396,8 @@ def test_disk_full_while_writing_the_adapter_is_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- 5. what --resume compares
 
 def test_every_setting_is_either_compared_or_free_on_resume():
-    settings = set(run_dir.flat_settings(run_dir.settings_of(train_sft.parse_args([]))))
-    must, free = set(run_dir.RESUME_MUST_MATCH), set(run_dir.RESUME_MAY_DIFFER)
+    settings = set(resume.flat_settings(resume.settings_of(train_sft.parse_args([]))))
+    must, free = set(resume.RESUME_MUST_MATCH), set(resume.RESUME_MAY_DIFFER)
     assert not must & free
     assert settings == must | free, f"classify: {sorted(settings ^ (must | free))}"
     assert {"lr", "precision", "weight_decay", "warmup_steps", "grad_clip",
