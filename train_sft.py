@@ -30,7 +30,6 @@ from batching import StepBatches, batch_efficiency, make_batches
 from checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
-from fused_loss import compile_for_training
 from generate import generate
 from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
@@ -58,7 +57,8 @@ def main(argv=None):
     if dist:
         dist.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
-    if config.compile:
+    if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
+        from fused_loss import compile_for_training
         compile_for_training(model)
     memory = estimate_memory(model, replace(config, seq_len=batches.longest))
     log.say(memory_line(memory, config.device))
