@@ -10,6 +10,7 @@ tokenizer.py's `Tokenizer.from_file` comes here for .gguf and .json files.
 import json
 from pathlib import Path
 
+from checkpoint import read_json, write_json
 from errors import UserError
 from tokenizer import LLAMA3_PATTERN, Tokenizer
 
@@ -99,7 +100,6 @@ class BPETokenizer(Tokenizer):
         """tokenizer.json + tokenizer_config.json, as Hugging Face writes them (with the chat
         template), so transformers' AutoTokenizer loads what this tokenizer does. Files already
         there are kept (an export may have copied the originals)."""
-        from checkpoint import write_json
         directory = Path(directory)
         if not (directory / "tokenizer.json").exists():
             write_json(directory / "tokenizer.json", tokenizer_json(self))
@@ -177,7 +177,8 @@ def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
     vocab = {gpt2_token_bytes(token): i for token, i in model["vocab"].items()
              if i not in special_ids}
     merges = [_merge_pair(merge) for merge in model["merges"]]
-    config = _read_json(path.with_name("tokenizer_config.json"))
+    config_path = path.with_name("tokenizer_config.json")
+    config = read_json(config_path) if config_path.is_file() else {}
     bos_token = _token_text(config.get("bos_token"))
     eos_token = _token_text(config.get("eos_token"))
     add_bos = config.get("add_bos_token")
@@ -230,15 +231,6 @@ def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str | None:
             and split.get("behavior") == "Isolated" and not split.get("invert")):
         return split["pattern"]["Regex"]
     return None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
 
 
 def _token_text(token) -> str | None:

@@ -346,7 +346,7 @@ def write_json(path, obj):
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from None
 
