@@ -100,8 +100,37 @@ def parse_args(argv=None):
     a("--precision", choices=["bf16", "fp16", "fp32"],
       help="autocast precision (default: bf16 on CUDA, fp32 otherwise)")
     a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
-    a("--profile", action="store_true", help="print the 20 costliest kernels of one step to stderr")
+    a("--profile", action="store_true",
+      help="after timing, print one step's kernel time by class against the matmul ceiling, and "
+           "what is alive at its memory peak (profiling.py), to stderr")
     return p.parse_args(argv)
+
+
+def profile_step(step, c, a, sync, cuda):
+    """One more step under torch.profiler (time by kernel class), then one with the CUDA
+    allocator's history recorded (what is alive at the peak): profiling.py."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import profiling
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - t0
+    tokens = a.batch_size * a.seq_len
+    flops = profiling.matmul_flops_per_token(c, a.method, a.grad_ckpt, matmul_params(c))
+    ceiling = profiling.matmul_ceiling(c, tokens, a.device)
+    lines = profiling.time_report(profiling.time_by_class(prof), wall, tokens, flops, ceiling)
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        step()
+        sync()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        lines += profiling.peak_allocations(snapshot, before)
+    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv=None):
@@ -167,16 +196,7 @@ def main(argv=None):
     dt = time.perf_counter() - t0
 
     if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-        activities = [ProfilerActivity.CPU]
-        if cuda:
-            activities.append(ProfilerActivity.CUDA)
-        with profile(activities=activities) as prof:
-            step()
-            sync()
-        sort = "cuda_time_total" if cuda else "cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70)
-        print(table, file=sys.stderr)
+        profile_step(step, c, a, sync, cuda)
 
     tok_s = B * S * a.steps * world / dt  # all GPUs together
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
