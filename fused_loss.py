@@ -45,6 +45,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     (grad_h = g·W, grad_W += gᵀ·h); then the chunk's logits are dropped. Backward only scales
     the stored gradients: no logits are kept for it and none are recomputed (what
     torch.utils.checkpoint would do).
+
+    grad_W is summed in the weight's dtype: float32 for float32 master weights; for bf16 weights
+    (--pure-bf16) in bf16, each chunk's product added by the matmul itself (addmm_: float32
+    inside the product, one bf16 rounding a chunk), which spares a float32 copy of the head.
     """
 
     @staticmethod
@@ -54,8 +58,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)  # under autocast: the bf16 copy of the head, made once
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = None
-        if need_grad and weight.requires_grad:
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        if need_grad and weight.requires_grad:  # summed in the weight's own dtype (see below)
+            grad_w = torch.zeros_like(weight)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(device, enabled=False):
             for i in range(0, h.shape[0], chunk_size):
@@ -65,17 +69,22 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     g = g.to(dtype)
                     grad_h[i:i + chunk_size] = g @ w
-                    if grad_w is not None:
+                    if grad_w is not None and grad_w.dtype == dtype:  # bf16 weights
+                        grad_w.addmm_(g.t(), hc)  # the product adds itself: no temporary
+                    elif grad_w is not None:  # float32 master weights: a float32 sum
                         grad_w += g.t() @ hc
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        # scaled in place: each buffer is used once, and a scaled copy would be another gradient
+        # of the output head in memory, at the step's peak
         grad_h, grad_w = ctx.saved_tensors
-        grad_w = None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype)
-        return grad_h * grad_total.to(grad_h.dtype), grad_w, None, None, None, None
+        grad_h.mul_(grad_total.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_total)
+        return grad_h, grad_w, None, None, None, None
 
 
 @functools.cache

@@ -66,3 +66,23 @@ def test_packed_rows_give_the_loss_of_separate_rows():
     # labels[0] of each example is IGNORE_INDEX (data.py guarantees it): nothing crosses the
     # boundary
     assert abs(together.item() - separate.item()) <= 1e-5 * separate.item()
+
+
+def test_chunked_loss_gives_the_output_head_gradient_float32_and_bf16_weights():
+    """The head's gradient, computed in the loss's forward pass and scaled in backward (the loss
+    divided by the targets, as train_step does): float32 weights to rounding; bf16 weights
+    (--pure-bf16, summed in bf16 by addmm_) to bf16 tolerance of the float32 gradient."""
+    tokens, labels = batch()
+
+    def head_grad(model, **kw):
+        model.zero_grad()
+        (model.loss(tokens, labels, **kw) / 70).backward()
+        return model.lm_head.weight.grad.float()
+
+    model = tiny_model()
+    exact = head_grad(model)
+    assert torch.allclose(head_grad(model, chunk_size=16), exact, rtol=1e-4, atol=1e-6)
+    bf16 = tiny_model().to(torch.bfloat16)
+    chunked = head_grad(bf16, chunk_size=16)
+    assert (chunked - exact).norm() <= 2e-2 * exact.norm()
+    assert bf16.lm_head.weight.grad.dtype == torch.bfloat16
