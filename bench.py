@@ -24,7 +24,7 @@ from lora import HF_TARGET_NAMES, apply_lora, count_parameters, parse_targets
 from memory import estimate_memory
 from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from projections import PROJECTIONS, is_target, replace_module
-from quant import DEFAULT_TARGETS, NF4Linear
+from quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
 from train_sft import (TrainConfig, count_targets, make_optimizer, start_distributed,
                        train_step)
 
@@ -62,6 +62,8 @@ def build(c: ModelConfig, method: str, device: str, base_dtype: torch.dtype,
         if c.tie_embeddings:
             model.tie_head()
     model.init_weights(generator=g)
+    if method == "qlora":  # as train_sft.build_model does
+        embedding_to_host(model)
     return model
 
 
@@ -121,16 +123,21 @@ def profile_step(step, c, a, sync, cuda):
     tokens = a.batch_size * a.seq_len
     flops = profiling.matmul_flops_per_token(c, a.method, a.grad_ckpt, matmul_params(c))
     ceiling = profiling.matmul_ceiling(c, tokens, a.device)
-    lines = profiling.time_report(profiling.time_by_class(prof), wall, tokens, flops, ceiling)
-    if cuda:
-        before = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-        step()
-        sync()
-        snapshot = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        lines += profiling.peak_allocations(snapshot, before)
+    lines = profiling.time_report(profiling.kernel_times(prof), wall, tokens, flops, ceiling)
     print("\n".join(lines), file=sys.stderr)
+    if cuda:  # (Python frames only: unwinding C++ stacks broke checkpointed compiled blocks)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        try:
+            step()
+            sync()
+        except SystemError as e:  # torch 2.11: recording breaks --grad-ckpt's compiled recompute
+            print(f"memory at the step's peak: not recorded ({e})", file=sys.stderr)
+            return
+        finally:
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+        print("\n".join(profiling.peak_allocations(snapshot, before)), file=sys.stderr)
 
 
 def main(argv=None):
@@ -158,7 +165,7 @@ def main(argv=None):
     trainable, _ = count_parameters(model)  # (before sharding)
     settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len,
                            device=a.device, precision=precision, grad_ckpt=a.grad_ckpt,
-                           loss_chunk=a.loss_chunk, world_size=world)
+                           loss_chunk=a.loss_chunk, compile=a.compile, world_size=world)
     # what train_sft.py prints before training
     estimate = estimate_memory(model, settings)["total"]
     if dist:

@@ -31,26 +31,35 @@ OTHER = "elementwise and reductions"  # norms, RoPE, SwiGLU, the loss, NF4 dequa
 
 def kernel_class(name: str) -> str:
     name = name.lower()
+    if name.startswith("triton_"):  # torch.compile's fused kernels, named after what they fuse
+        return OTHER  # (a "_to_copy" among them is a cast fused into other work, not a copy)
     for kind, patterns in KERNEL_CLASSES:
         if any(p in name for p in patterns):
             return kind
     return OTHER
 
 
-def time_by_class(prof) -> dict[str, float]:
-    """Microseconds by kernel class: GPU kernels when there are any, else CPU operators' own
+def kernel_times(prof) -> dict[str, float]:
+    """Microseconds by kernel name: GPU kernels when there are any, else CPU operators' own
     time (a CPU run, where the operators are the kernels)."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+    # (annotations such as "Optimizer.step#AdamW.step" span kernels: they are not kernels)
     totals: dict[str, float] = {}
-    if kernels:
-        for e in kernels:
-            kind = kernel_class(e.name)
-            totals[kind] = totals.get(kind, 0.0) + e.time_range.elapsed_us()
-    else:
+    for e in kernels:
+        totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us()
+    if not kernels:
         for e in prof.events():
             if e.name.startswith("aten::"):
-                kind = kernel_class(e.name)
-                totals[kind] = totals.get(kind, 0.0) + e.self_cpu_time_total
+                totals[e.name] = totals.get(e.name, 0.0) + e.self_cpu_time_total
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def time_by_class(times: dict[str, float]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for name, us in times.items():
+        kind = kernel_class(name)
+        totals[kind] = totals.get(kind, 0.0) + us
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
@@ -82,8 +91,9 @@ def matmul_ceiling(c, tokens: int, device: str, dtype=torch.bfloat16, repeats: i
     return 2 * tokens * c.dim * c.ffn_hidden * repeats / (time.perf_counter() - t0)
 
 
-def time_report(by_class: dict, wall_s: float, tokens: int, flops_per_token: float,
-                ceiling: float) -> list[str]:
+def time_report(times: dict, wall_s: float, tokens: int, flops_per_token: float,
+                ceiling: float, top: int = 12) -> list[str]:
+    by_class = time_by_class(times)
     busy = sum(by_class.values()) / 1e6
     lines = [f"one step: {wall_s * 1e3:.1f} ms wall, kernels {busy * 1e3:.1f} ms "
              f"({busy / wall_s:.0%} of the wall time)"]
@@ -96,6 +106,9 @@ def time_report(by_class: dict, wall_s: float, tokens: int, flops_per_token: flo
     lines.append(f"matmul ceiling (largest projection alone): {ceiling / 1e12:.3g} TFLOP/s; "
                  f"bound if every product ran at it and nothing else: {bound:,.0f} tokens/s "
                  f"(measured: {tokens / wall_s:,.0f})")
+    lines.append(f"the {top} costliest kernels:")
+    for name, us in list(times.items())[:top]:
+        lines.append(f"  {us / 1e3:7.1f} ms  {kernel_class(name):<28}{name[:90]}")
     return lines
 
 
@@ -131,11 +144,13 @@ def peak_allocations(snapshot: dict, before: int, top: int = 12) -> list[str]:
 
 
 def allocation_origin(frames: list[dict]) -> str:
-    """'file.py:line function' of the first frame outside torch (and outside Python's own)."""
+    """'file.py:line function' of the first Python frame outside torch, the standard library and
+    torch.compile's generated code (whose caller, the compiled block, is named instead)."""
     for f in frames:
         name = f.get("filename", "")
         standard_library = "/lib/python3" in name and "-packages/" not in name
-        if not name or "/torch/" in name or name.startswith("<") or standard_library:
+        generated = "torchinductor" in name
+        if not name.endswith(".py") or "/torch/" in name or standard_library or generated:
             continue
         return f"{name.rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
     return "inside torch (no Python frame of ours)"
