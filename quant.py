@@ -275,6 +275,28 @@ def quantize_model(model: nn.Module, targets=None, block_size: int = 64,
     return model
 
 
+class HostEmbedding(nn.Embedding):
+    """A frozen token embedding kept in CPU memory. A lookup needs only the rows of the batch's
+    tokens, so only those go to the GPU: for Llama-3-8B, 1 GiB of bf16 stays off the GPU, and a
+    step of 2×2048 tokens moves 32 MiB. For QLoRA, where the embedding would otherwise be a
+    quarter of the GPU memory the frozen model takes. (Call it after the model's last .to(device):
+    .to() would move it back.)"""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(*weight.shape, _weight=weight.detach().cpu(), _freeze=True)
+
+    def forward(self, tokens):
+        return super().forward(tokens.cpu()).to(tokens.device, non_blocking=True)
+
+
+def embedding_to_host(model: nn.Module):
+    """Put the model's input embedding in CPU memory (HostEmbedding) when the rest is on a GPU
+    and the embedding is untied (a tied one is the output head too: it stays)."""
+    embedding = model.embed_tokens
+    if embedding.weight.device.type != "cpu" and embedding.weight is not model.lm_head.weight:
+        model.embed_tokens = HostEmbedding(embedding.weight)
+
+
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every NF4Linear (also the `base` inside a LoRALinear) by a plain nn.Linear, in place.

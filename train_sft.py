@@ -218,6 +218,9 @@ def build_model(config: TrainConfig, log):
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
+    if config.method == "qlora":  # the frozen embedding need not take GPU memory
+        from quant import embedding_to_host
+        embedding_to_host(model)
     if config.method in ("lora", "qlora"):
         torch.manual_seed(config.seed)
         lora = config.lora

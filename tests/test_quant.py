@@ -7,6 +7,7 @@ of NF4 itself (the paper's 4-bit NormalFloat with blocks of 64), not of this imp
 import copy
 import gc
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -241,3 +242,29 @@ def test_train_sft_qlora_end_to_end(tmp_path):
     assert (out / "adapter" / "adapter.safetensors").exists()
     merged, _ = load_checkpoint(out / "model")
     assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+
+
+def test_host_embedding_looks_up_the_same_rows_and_keeps_its_name():
+    """QLoRA's embedding in CPU memory (quant.HostEmbedding): the same vectors as the model's own
+    embedding, frozen, under the same state_dict key (checkpoints and exports do not change)."""
+    from quant import HostEmbedding
+    model = tiny_model(tie_embeddings=False)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    before = model.loss(tokens, tokens)
+    original = model.embed_tokens
+    model.embed_tokens = HostEmbedding(original.weight)
+    assert torch.equal(model.embed_tokens(tokens), original(tokens))
+    assert not model.embed_tokens.weight.requires_grad
+    assert torch.equal(model.loss(tokens, tokens), before)
+    assert "embed_tokens.weight" in model.state_dict()
+
+
+def test_embedding_to_host_leaves_cpu_models_and_tied_embeddings_alone():
+    from quant import HostEmbedding, embedding_to_host
+    model = tiny_model(tie_embeddings=False)
+    embedding_to_host(model)  # already in CPU memory: nothing to move
+    assert type(model.embed_tokens) is nn.Embedding
+    with torch.device("meta"):  # (as if on a GPU)
+        tied = Transformer(replace(ModelConfig.from_name("tiny"), tie_embeddings=True))
+    embedding_to_host(tied)  # the output head needs the whole matrix on the device
+    assert not isinstance(tied.embed_tokens, HostEmbedding)
