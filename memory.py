@@ -1,6 +1,7 @@
 """How much GPU memory a training run needs: estimated before it starts, measured after.
 
-    weights      every parameter and buffer (bf16 base: 2 bytes a parameter; NF4: about 0.52)
+    weights      every parameter and buffer on the GPU (bf16 base: 2 bytes a parameter; NF4:
+                 about 0.52; QLoRA keeps an untied embedding in CPU memory)
     gradients    one per trainable weight (LoRA: only the adapters)
     optimizer    AdamW's two moments per trainable weight
     activations  what the forward pass keeps for the backward pass; --grad-ckpt keeps only each
@@ -18,16 +19,24 @@ def estimate_memory(model, config) -> dict:
     """Rough GiB a training run needs on the GPU, by kind: the weights; a gradient and two AdamW
     moments for each trainable weight; the activations kept for the backward pass; the logits of
     one loss chunk, on each GPU. `config` gives method, batch_size, seq_len, precision, grad_ckpt,
-    loss_chunk and world_size (torchrun: full fine-tuning shards weights and AdamW state)."""
+    loss_chunk, compile and world_size (torchrun: full fine-tuning shards weights and AdamW
+    state)."""
     c = model.config
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    device = model.norm.weight.device  # (QLoRA's embedding may be in CPU memory: not counted)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                  if t.device == device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     tokens = config.batch_size * config.seq_len
     act_bytes = 2 if config.precision != "fp32" else 4
     # Saved for backward per token and layer: ~8 d-wide tensors (norm outputs, q/k/v/attention
-    # output, residuals) and ~4 ffn-wide ones (gate, up, silu, product).
+    # output, residuals) and ~4 ffn-wide ones (gate, up, silu, product). Compiled blocks
+    # (--compile) recompute the elementwise ones (fused_loss.ACTIVATION_MEMORY_BUDGET) and keep
+    # ~4 d-wide, k and v, and gate and up.
     per_layer = tokens * (8 * c.dim + 4 * c.ffn_hidden) * act_bytes
+    if config.compile:
+        kv_dim = c.n_kv_heads * c.head_dim
+        per_layer = tokens * (4 * c.dim + 2 * kv_dim + 2 * c.ffn_hidden) * act_bytes
     # LoRA with dropout: each adapter keeps its own dropped copy of its input and the mask (a byte).
     per_layer += tokens * sum(m.base.in_features for m in lora_layers(model).values()
                               if m.dropout > 0) * (act_bytes + 1) // c.n_layers
