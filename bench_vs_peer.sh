@@ -2,7 +2,8 @@
 # Side by side on one GPU, in one command: the strongest peer stack of each row and bench.py, same
 # shape and flags, one JSON line each. The peer is Hugging Face transformers + PEFT with Liger
 # kernels (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy); for QLoRA, with bitsandbytes NF4.
-# Ours runs with --compile (extra flags for bench.py only go in $OURS).
+# Ours runs with --compile (extra flags for bench.py only go in $OURS, e.g. OURS="--compile
+# --profile").
 #   bash bench_vs_peer.sh PEER_SCRIPT 1b 8b          # PEER_SCRIPT: the harness peer_hf_peft.py
 # Groups: 1b (llama-3.2-1b LoRA and full), 8b (llama-3-8b / llama-2-7b LoRA), 8b-long (seq 4096),
 # qlora (llama-3-8b QLoRA with checkpointing), plain (the 1B and 8B LoRA rows against HF+PEFT
@@ -11,8 +12,10 @@ set -u
 peer=$1
 shift
 OURS=${OURS:---compile}
-run() {  # one benchmark script and its flags: show only its JSON line, or its error
-  timeout 500 python3 "$@" 2>&1 | grep -E '^\{|Error|error' | tail -2
+run() {  # one benchmark script and its flags: its JSON line (or its error), and with
+  # OURS="--compile --profile" bench.py's profile of the row (kernel time by class, memory peak)
+  timeout 500 python3 "$@" 2>&1 | grep -v '^Backend impl' |
+    grep -E '^\{|Error|error|^one step|^  |^matmul ceiling|^the [0-9]+ costliest|^memory at'
 }
 pair() {  # $1: the peer's own flags; the rest: flags for both
   local peer_flags=$1
