@@ -10,6 +10,7 @@ torch.compile, which fuses their elementwise work into fewer kernels.
 import functools
 
 import torch
+from torch._functorch import config as partitioner_config
 
 from model import IGNORE_INDEX
 
@@ -113,8 +114,8 @@ def compile_for_training(model):
 
     The compiled backward also recomputes what is cheap to recompute instead of storing it:
     see ACTIVATION_MEMORY_BUDGET."""
-    # (a setting of torch.compile's partitioner, for every graph compiled after it)
-    torch._functorch.config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
+    # (a setting of torch.compile's partitioner: for every graph compiled after it)
+    partitioner_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     for block in model.layers:
         block.forward = training_only(torch.compile(block.forward), block.forward)
     model.compiled = True
