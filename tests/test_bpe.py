@@ -26,10 +26,13 @@ HARD_STRINGS = [
     "a   b", "\n\n\n", "  \t\n x", "trailing spaces   ", "   leading", "\t\ttabs\t", "a \n\n b",
     "\r\nwindows\r\n", "no\u00a0break \u2003em\u3000ideographic", " ", "  ", "",
     # unicode: accents (composed and combining), CJK, Cyrillic, other scripts
-    "naïve café Ångström", "e\u0301 a\u0300 n\u0303", "日本語のテキスト", "中文分词测试。",
-    "Привет, мир!", "한국어 문장", "مرحبا بالعالم", "עברית", "ᚠᛇᚻ ᛒᛦᚦ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "naïve café Ångström", "e\u0301 a\u0300 n\u0303",
+    "日本語のテキスト", "中文分词测试。",
+    "Привет, мир!", "한국어 문장", "مرحبا بالعالم",
+    "עברית", "ᚠᛇᚻ ᛒᛦᚦ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
     # emoji: plain, skin tone, ZWJ sequences, flags, variation selectors
-    "🦙", "I ❤️ llamas 🦙🦙", "👍🏽", "👨‍👩‍👧‍👦 family", "🏳️‍🌈", "🇫🇷🇯🇵🇺🇸",
+    "🦙", "I ❤️ llamas 🦙🦙", "👍🏽",
+    "👨‍👩‍👧‍👦 family", "🏳️‍🌈", "🇫🇷🇯🇵🇺🇸",
     # code and markup
     "def f(x):\n    return x**2  # square\n", "for (int i = 0; i < 10; ++i) { a[i] = i; }",
     '<div class="x">&amp;</div>', "SELECT * FROM t WHERE id=42;", "x = {'a': [1, 2]}\n\n\n",
@@ -327,7 +330,8 @@ def test_save_writes_a_tokenizer_json_that_transformers_loads(smollm2, smollm2_o
     texts = HARD_STRINGS + alpaca_texts(limit=100)
     # HF would turn special-token text typed in a string into the special token
     plain = [text for text in texts if not any(special in text for special in smollm2.special)]
-    assert [hf.encode(text, add_special_tokens=False) for text in plain] == [smollm2.encode(t) for t in plain]
+    assert [hf.encode(text, add_special_tokens=False) for text in plain] == \
+        [smollm2.encode(t) for t in plain]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         smollm2_oracle.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

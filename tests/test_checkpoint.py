@@ -15,49 +15,61 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from checkpoint import config_from_hf, config_to_hf, load_checkpoint, save_checkpoint, save_hf_checkpoint
+from checkpoint import (config_from_hf, config_to_hf, load_checkpoint, save_checkpoint,
+                        save_hf_checkpoint)
 from conftest import shared_path
 from errors import UserError
 from formats import config_from_meta
 from model import PRESETS, ModelConfig, Transformer
 
-try:  # the reference oracle (requirements-dev.txt); without it only the tests comparing with it skip
+# the reference oracle (requirements-dev.txt); without it only the tests comparing with it
+# skip
+try:
     from transformers import LlamaConfig, LlamaForCausalLM
 except ImportError:
     LlamaConfig = LlamaForCausalLM = None
 
 TOL = 1e-4
 SEQ = 64  # > 2 × original_max_position_embeddings below, so the Llama-3.1 rope scaling matters
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
-LLAMA3_SCALING = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}  # as ModelConfig holds it
-# Meta's params.json cannot spell the constants above: Meta's code hard-codes an 8192-token original context.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# as ModelConfig holds it
+LLAMA3_SCALING = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+# Meta's params.json cannot spell the constants above: Meta's code hard-codes an 8192-token
+# original context.
 META_LLAMA3_ROPE = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
-COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-              rms_norm_eps=1e-5)
+COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, rms_norm_eps=1e-5)
 STYLES = {
-    # MHA, untied, default rope. ffn 192 = Meta's recipe for dim 64 with multiple_of 48 (170 → 192).
-    "llama2": dict(COMMON, num_key_value_heads=4, intermediate_size=192, rope_theta=10000.0, tie_word_embeddings=False),
+    # MHA, untied, default rope. ffn 192 = Meta's recipe for dim 64 with multiple_of 48
+    # (170 → 192).
+    "llama2": dict(COMMON, num_key_value_heads=4, intermediate_size=192, rope_theta=10000.0,
+                   tie_word_embeddings=False),
     # GQA, tied, Llama-3.1 rope. ffn 224 = int(1.3 · 170) = 221 → multiple_of 32 → 224.
-    "llama3": dict(COMMON, num_key_value_heads=2, intermediate_size=224, rope_theta=500000.0, tie_word_embeddings=True,
-                   rope_scaling=LLAMA3_ROPE),
+    "llama3": dict(COMMON, num_key_value_heads=2, intermediate_size=224, rope_theta=500000.0,
+                   tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
     # llama2.c: GQA, tied, default rope
-    "llama2c": dict(COMMON, num_key_value_heads=2, intermediate_size=172, rope_theta=10000.0, tie_word_embeddings=True),
+    "llama2c": dict(COMMON, num_key_value_heads=2, intermediate_size=172, rope_theta=10000.0,
+                    tie_word_embeddings=True),
 }
 META_PARAMS = {
-    "llama2": {"dim": 64, "multiple_of": 48, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1},
-    "llama3": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96, "multiple_of": 32,
-               "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True},
+    "llama2": {"dim": 64, "multiple_of": 48, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5,
+               "vocab_size": -1},
+    "llama3": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96,
+               "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5,
+               "rope_theta": 500000.0, "use_scaled_rope": True},
 }
 
 
 def build_hf(style, seed=0, **overrides):
-    """A random LlamaForCausalLM whose weights are large enough that attention is sharp (so RoPE and the
-    q/k row order matter) and whose norm weights are not all ones (so swapped norms would show)."""
+    """A random LlamaForCausalLM whose weights are large enough that attention is sharp (so RoPE
+    and the q/k row order matter) and whose norm weights are not all ones (so swapped norms would
+    show)."""
     if LlamaForCausalLM is None:
         pytest.skip("transformers is not installed (pip install -r requirements-dev.txt)")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**copy.deepcopy({**STYLES[style], **overrides}))).eval()  # it edits dicts given
+    # it edits dicts given
+    model = LlamaForCausalLM(LlamaConfig(**copy.deepcopy({**STYLES[style], **overrides}))).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -102,7 +114,8 @@ def _sharded(m, d):
     return d
 
 
-def _bin(m, d):  # transformers 5 always writes safetensors; pytorch_model.bin as transformers 4 wrote it
+# transformers 5 always writes safetensors; pytorch_model.bin as transformers 4 wrote it
+def _bin(m, d):
     m.save_pretrained(d)
     (d / "model.safetensors").unlink()
     torch.save(m.state_dict(), d / "pytorch_model.bin")
@@ -119,7 +132,8 @@ def _bin_sharded(m, d):
         name = f"pytorch_model-0000{i + 1}-of-00002.bin"
         torch.save({k: sd[k] for k in part}, d / name)
         weight_map.update({k: name for k in part})
-    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {},
+                                                                "weight_map": weight_map}))
     return d
 
 
@@ -133,25 +147,29 @@ def _file(m, d):  # the model.safetensors file itself, not its directory
 def test_hf_parity(hf, tmp_path, style, layout):
     m, ref, d = hf[style]
     if layout != "safetensors":
-        d = {"sharded": _sharded, "bin": _bin, "bin_sharded": _bin_sharded, "file": _file}[layout](m, tmp_path)
+        d = {"sharded": _sharded, "bin": _bin, "bin_sharded": _bin_sharded,
+             "file": _file}[layout](m, tmp_path)
     if layout == "sharded":
-        assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("model-*.safetensors"))) >= 3
+        assert (d / "model.safetensors.index.json").exists() and \
+            len(list(d.glob("model-*.safetensors"))) >= 3
     model, config = load_checkpoint(d)
     assert config.n_kv_heads == STYLES[style]["num_key_value_heads"]
     assert config.tie_embeddings == STYLES[style]["tie_word_embeddings"]
-    assert config.rope_scaling == ({k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"} if style == "llama3" else None)
+    assert config.rope_scaling == ({k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+                                   if style == "llama3" else None)
     assert max_diff(logits_of(model, tokens()), ref) <= TOL
 
 
 def test_hf_parity_is_sensitive(hf):
-    """The parity tests can fail: q/k rows left in Hugging Face's order, or the rope scaling dropped, move
-    the logits far beyond the tolerance."""
+    """The parity tests can fail: q/k rows left in Hugging Face's order, or the rope scaling
+    dropped, move the logits far beyond the tolerance."""
     _, ref, d = hf["llama3"]
     model, config = load_checkpoint(d)
     x = tokens()
     with torch.no_grad():
         for layer in model.layers:  # back to HF's half-split row order
-            for proj, n in ((layer.attn.q_proj, config.n_heads), (layer.attn.k_proj, config.n_kv_heads)):
+            for proj, n in ((layer.attn.q_proj, config.n_heads),
+                            (layer.attn.k_proj, config.n_kv_heads)):
                 proj.weight.copy_(_meta_to_hf_rows(proj.weight, n))
     assert max_diff(logits_of(model, x), ref) > 1e-2
     model, config = load_checkpoint(d)
@@ -189,17 +207,20 @@ def test_to_hf_from_hf_round_trip(name):
 
 
 def test_from_hf_both_spellings():
-    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 96, "vocab_size": 80, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
-            "tie_word_embeddings": True}
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 80,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 128, "tie_word_embeddings": True}
     v4 = {**base, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3_SCALING}}
-    v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_SCALING}}
-    old = {**base, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3_SCALING}}  # pre-4.45 key
+    v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                      **LLAMA3_SCALING}}
+    # pre-4.45 key
+    old = {**base, "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3_SCALING}}
     configs = [config_from_hf(c) for c in (v4, v5, old)]
     assert configs[0] == configs[1] == configs[2]
     assert configs[0].rope_scaling == LLAMA3_SCALING and configs[0].rope_theta == 500000.0
     assert configs[0].tie_embeddings and configs[0].n_kv_heads == 2 and configs[0].head_dim == 16
-    default = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    default = config_from_hf({**base, "rope_parameters": {"rope_type": "default",
+                                                          "rope_theta": 10000.0}})
     assert default.rope_scaling is None and default.rope_theta == 10000.0
     mha = config_from_hf({k: v for k, v in base.items() if k != "num_key_value_heads"})
     assert mha.n_kv_heads == 4
@@ -209,15 +230,18 @@ def test_from_hf_both_spellings():
 
 # ---------------------------------------------------------------- Meta
 
-META_NAMES = {"embed_tokens": "tok_embeddings.weight", "norm": "norm.weight", "lm_head": "output.weight"}
+META_NAMES = {"embed_tokens": "tok_embeddings.weight", "norm": "norm.weight",
+              "lm_head": "output.weight"}
 META_LAYER = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-              "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+              "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+              "self_attn.v_proj": "attention.wv",
               "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
               "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3"}
 
 
 def to_meta(hf_model):
-    """The state dict of Meta's reference `Transformer` (llama/model.py) holding the HF model's weights."""
+    """The state dict of Meta's reference `Transformer` (llama/model.py) holding the HF model's
+    weights."""
     c = hf_model.config
     out = {}
     for name, t in hf_model.state_dict().items():
@@ -237,16 +261,19 @@ def to_meta(hf_model):
 
 
 def split_meta(sd, embedding_axis):
-    """Two model-parallel shards, split as Meta's fairscale layers split them: column-parallel (wq, wk, wv,
-    w1, w3, output) by output rows, row-parallel (wo, w2) by input columns, norms copied."""
+    """Two model-parallel shards, split as Meta's fairscale layers split them: column-parallel
+    (wq, wk, wv, w1, w3, output) by output rows, row-parallel (wo, w2) by input columns, norms
+    copied."""
     shards = ({}, {})
     for name, t in sd.items():
-        if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")) or name == "output.weight":
+        if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")) or \
+                name == "output.weight":
             axis = 0
         elif name.endswith(("wo.weight", "w2.weight")):
             axis = 1
         elif name == "tok_embeddings.weight":
-            axis = embedding_axis  # Llama-2: ParallelEmbedding (dim 1); Llama-3: VocabParallelEmbedding (dim 0)
+            # Llama-2: ParallelEmbedding (dim 1); Llama-3: VocabParallelEmbedding (dim 0)
+            axis = embedding_axis
         else:
             axis = None
         parts = (t, t) if axis is None else t.chunk(2, dim=axis)
@@ -260,7 +287,8 @@ def _meta_reference(hf, style):
     m, ref, _ = hf[style]
     if style != "llama3":
         return m, ref
-    m8192 = LlamaForCausalLM(LlamaConfig(**copy.deepcopy({**STYLES[style], "rope_scaling": META_LLAMA3_ROPE}))).eval()
+    m8192 = LlamaForCausalLM(LlamaConfig(**copy.deepcopy(
+        {**STYLES[style], "rope_scaling": META_LLAMA3_ROPE}))).eval()
     m8192.load_state_dict(m.state_dict())
     return m8192, logits_of(m8192, tokens())
 
@@ -277,20 +305,25 @@ def test_meta_parity(hf, tmp_path, style, n_shards):
     if n_shards == 2:
         assert shards[0]["layers.0.attention.wo.weight"].shape == (64, 32)
     model, config = load_checkpoint(tmp_path)
-    assert config.ffn_hidden == STYLES[style]["intermediate_size"]  # 192 / 224: multiple_of and ffn_dim_multiplier
+    # 192 / 224: multiple_of and ffn_dim_multiplier
+    assert config.ffn_hidden == STYLES[style]["intermediate_size"]
     assert config.vocab_size == 96 and config.n_kv_heads == STYLES[style]["num_key_value_heads"]
     if style == "llama3":
-        assert config.rope_theta == 500000.0 and config.rope_scaling["original_max_position_embeddings"] == 8192
+        assert config.rope_theta == 500000.0 and \
+            config.rope_scaling["original_max_position_embeddings"] == 8192
     assert max_diff(logits_of(model, tokens()), ref) <= TOL
 
 
 @pytest.mark.parametrize("params, ffn", [
-    ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-5, "vocab_size": -1}, 11008),  # Llama-2-7B
-    ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-5, "vocab_size": -1}, 13824),  # Llama-2-13B
-    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8, "n_layers": 80,
-      "norm_eps": 1e-5, "vocab_size": -1}, 28672),  # Llama-2-70B
-    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}, 14336),  # Llama-3-8B
+    ({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-5,
+      "vocab_size": -1}, 11008),  # Llama-2-7B
+    ({"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-5,
+      "vocab_size": -1}, 13824),  # Llama-2-13B
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+      "n_layers": 80, "norm_eps": 1e-5, "vocab_size": -1}, 28672),  # Llama-2-70B
+    ({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+      "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
+     14336),  # Llama-3-8B
 ])
 def test_from_meta_ffn_width(params, ffn):
     c = config_from_meta(params, vocab_size=32000)
@@ -300,15 +333,17 @@ def test_from_meta_ffn_width(params, ffn):
 
 
 def test_from_meta_scaled_rope():
-    p = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}  # Llama-3.1-8B
+    p = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+         "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
+         "use_scaled_rope": True}  # Llama-3.1-8B
     c = config_from_meta(p)
     assert c.rope_scaling == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192}
     assert c == ModelConfig(**{**PRESETS["llama-3.1-8b"], "max_seq_len": 4096})
     # Llama-3.2-1B's params.json (no factor given): 32, as in its Hugging Face config
-    p32 = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5,
-           "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    p32 = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+           "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0,
+           "use_scaled_rope": True}
     c32 = config_from_meta(p32)
     assert c32.rope_scaling == PRESETS["llama-3.2-1b"]["rope_scaling"] and c32.ffn_hidden == 8192
 
@@ -320,13 +355,14 @@ def test_llama2c_pt(hf, tmp_path, compiled):
     m, ref, _ = hf["llama2c"]
     sd = to_meta(m)
     del sd["rope.freqs"]
-    sd["output.weight"] = sd["tok_embeddings.weight"]  # llama2.c ties them: one tensor under two names
+    # llama2.c ties them: one tensor under two names
+    sd["output.weight"] = sd["tok_embeddings.weight"]
     if compiled:  # train.py saves the torch.compile'd module's state dict
         sd = {f"_orig_mod.{k}": v for k, v in sd.items()}
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=None, multiple_of=32,
-                norm_eps=1e-5, max_seq_len=128, dropout=0.0)
-    torch.save({"model": sd, "optimizer": {}, "model_args": args, "iter_num": 100, "best_val_loss": 1.5,
-                "config": {"batch_size": 8}}, tmp_path / "ckpt.pt")
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=None,
+                multiple_of=32, norm_eps=1e-5, max_seq_len=128, dropout=0.0)
+    torch.save({"model": sd, "optimizer": {}, "model_args": args, "iter_num": 100,
+                "best_val_loss": 1.5, "config": {"batch_size": 8}}, tmp_path / "ckpt.pt")
     model, config = load_checkpoint(tmp_path / "ckpt.pt")
     assert config.tie_embeddings and config.ffn_hidden == 172 and config.max_seq_len == 128
     assert model.lm_head.weight is model.embed_tokens.weight
@@ -345,11 +381,13 @@ def write_llama2c_bin(path, meta_sd, n_heads, n_kv_heads, seq_len, tied):
     freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
     angles = torch.outer(torch.arange(seq_len).float(), freqs)
     with open(path, "wb") as f:
-        f.write(struct.pack("iiiiiii", dim, hidden, L, n_heads, n_kv_heads, vocab if tied else -vocab, seq_len))
+        f.write(struct.pack("iiiiiii", dim, hidden, L, n_heads, n_kv_heads,
+                            vocab if tied else -vocab, seq_len))
         write = lambda t: f.write(t.detach().float().contiguous().numpy().tobytes())
         write(emb)
-        for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv",
+                     "attention.wo", "ffn_norm", "feed_forward.w1", "feed_forward.w2",
+                     "feed_forward.w3"):
             for i in range(L):
                 write(meta_sd[f"layers.{i}.{name}.weight"])
         write(meta_sd["norm.weight"])
@@ -363,22 +401,25 @@ def write_llama2c_bin(path, meta_sd, n_heads, n_kv_heads, seq_len, tied):
 def test_llama2c_bin(hf, tmp_path, style):
     m, ref, _ = hf[style]
     tied = STYLES[style]["tie_word_embeddings"]
-    write_llama2c_bin(tmp_path / "model.bin", to_meta(m), 4, STYLES[style]["num_key_value_heads"], 128, tied)
+    write_llama2c_bin(tmp_path / "model.bin", to_meta(m), 4, STYLES[style]["num_key_value_heads"],
+                      128, tied)
     model, config = load_checkpoint(tmp_path / "model.bin")
     assert config.tie_embeddings == tied and config.vocab_size == 96 and config.max_seq_len == 128
     assert max_diff(logits_of(model, tokens()), ref) <= TOL
 
 
-# ---------------------------------------------------------------- GGUF (written here from the GGUF spec)
+# ----------------------------------------------------------- GGUF (written here from the GGUF spec)
 
 GGUF_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
-GGUF_LAYER = {"attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
-              "attn.o_proj": "attn_output", "mlp_norm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+GGUF_LAYER = {"attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
+              "attn.v_proj": "attn_v", "attn.o_proj": "attn_output", "mlp_norm": "ffn_norm",
+              "mlp.gate_proj": "ffn_gate",
               "mlp.down_proj": "ffn_down", "mlp.up_proj": "ffn_up"}
 
 
 def write_gguf(path, tensors, metadata, magic=b"GGUF"):
-    """GGUF v3: magic, version, counts, key/values, tensor infos (dims innermost first), 32-aligned data.
+    """GGUF v3: magic, version, counts, key/values, tensor infos (dims innermost first),
+    32-aligned data.
     tensors: {name: (ggml type, bytes, shape)}; metadata values: str, int (u32) or float (f32)."""
     s = lambda text: struct.pack("<Q", len(text.encode())) + text.encode()
     out = bytearray(magic + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
@@ -392,7 +433,8 @@ def write_gguf(path, tensors, metadata, magic=b"GGUF"):
             out += struct.pack("<II", 4, value)
     offset, blobs = 0, []
     for name, (kind, data, shape) in tensors.items():
-        out += s(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        out += s(name) + struct.pack("<I", len(shape)) + \
+            b"".join(struct.pack("<Q", d) for d in reversed(shape))
         out += struct.pack("<IQ", kind, offset)
         blobs.append(data + b"\0" * (-len(data) % 32))
         offset += len(blobs[-1])
@@ -409,14 +451,16 @@ def _gguf_tensors(model, kind):
             gguf = f"blk.{parts[1]}.{GGUF_LAYER['.'.join(parts[2:-1])]}.weight"
         else:
             gguf = GGUF_NAMES[parts[0]] + ".weight"
-        t_kind, t_dtype = (0, torch.float32) if name.endswith("norm.weight") else (kind, dtype)  # llama.cpp keeps norms f32
+        # llama.cpp keeps norms f32
+        t_kind, t_dtype = (0, torch.float32) if name.endswith("norm.weight") else (kind, dtype)
         raw = t.detach().to(t_dtype).contiguous().view(torch.uint8).numpy().tobytes()
         out[gguf] = (t_kind, raw, tuple(t.shape))
     return out
 
 
 GGUF_META = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
-             "llama.feed_forward_length": 192, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 4,
+             "llama.feed_forward_length": 192, "llama.attention.head_count": 4,
+             "llama.attention.head_count_kv": 4,
              "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
              "llama.context_length": 128, "llama.vocab_size": 96}
 
@@ -453,7 +497,7 @@ def test_gguf_rejections(hf, tmp_path):
         load_checkpoint(tmp_path / "q2_k.gguf")
 
 
-# ---------------------------------------------------------------- this project's format and HF export
+# -------------------------------------------------------------- this project's format and HF export
 
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
 def test_own_format_round_trip(hf, tmp_path, style):
@@ -484,7 +528,8 @@ def test_save_hf_checkpoint_loads_in_transformers(hf, tmp_path, style):
 def test_save_hf_checkpoint_dtype(hf, tmp_path):
     model, _ = load_checkpoint(hf["llama2"][2])
     save_hf_checkpoint(model, tmp_path, dtype=torch.bfloat16)
-    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "model.safetensors").values())
+    assert all(t.dtype == torch.bfloat16
+               for t in load_file(tmp_path / "model.safetensors").values())
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
@@ -520,8 +565,8 @@ def test_tied_embeddings_stay_tied(hf, dtype):
 
 # ---------------------------------------------------------------- the real stories260K checkpoint
 
-STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
-                  410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
+STORIES_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338,
+                  401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
 STORIES_CE_SEQ = [1] + STORIES_GREEDY[:31]
 STORIES_TOP5 = [403, 385, 410, 317, 407]
 STORIES_TOP5_VALUES = [17.0235, 15.4062, 13.1083, 12.7692, 12.4181]
@@ -537,8 +582,8 @@ def stories():
 @pytest.mark.parametrize("src", ["dir", "bin", "gguf"])
 def test_stories260k_reference(stories, src):
     model, config = stories[src]
-    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_hidden, config.vocab_size) == \
-           (64, 5, 8, 4, 172, 512)
+    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_hidden,
+            config.vocab_size) == (64, 5, 8, 4, 172, 512)
     if src == "gguf":  # llama.cpp's converter stored output.weight, a copy of token_embd.weight
         assert torch.equal(model.lm_head.weight, model.embed_tokens.weight)
     else:
@@ -581,8 +626,8 @@ def test_error_no_checkpoint_in_directory(tmp_path):
         load_checkpoint(tmp_path)
     msg = str(e.value)
     assert "no checkpoint found" in msg
-    for expected in ("config.json", "model*.safetensors", "pytorch_model*.bin", "params.json", "consolidated.*.pth",
-                     ".bin", ".pt", ".gguf", "model_config.json"):
+    for expected in ("config.json", "model*.safetensors", "pytorch_model*.bin", "params.json",
+                     "consolidated.*.pth", ".bin", ".pt", ".gguf", "model_config.json"):
         assert expected in msg
 
 
@@ -613,7 +658,8 @@ def test_error_missing_and_unexpected_tensors(hf, tmp_path):
         del sd["model.layers.1.mlp.up_proj.weight"]
         del sd["model.norm.weight"]
         sd["model.layers.0.mlp.extra.weight"] = torch.zeros(3)
-        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)  # old HF files: harmless, ignored
+        # old HF files: harmless, ignored
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)
 
     with pytest.raises(UserError) as e:
         load_checkpoint(_hf_dir(hf, tmp_path, edit))
@@ -624,8 +670,10 @@ def test_error_missing_and_unexpected_tensors(hf, tmp_path):
 
 
 def test_error_unexpected_only(hf, tmp_path):
-    d = _hf_dir(hf, tmp_path, lambda sd: sd.__setitem__("model.layers.7.mlp.up_proj.weight", torch.zeros(192, 64)))
-    with pytest.raises(UserError, match=r"unexpected 1 tensors \(model.layers.7.mlp.up_proj.weight\)") as e:
+    d = _hf_dir(hf, tmp_path, lambda sd: sd.__setitem__("model.layers.7.mlp.up_proj.weight",
+                                                        torch.zeros(192, 64)))
+    with pytest.raises(UserError,
+                       match=r"unexpected 1 tensors \(model.layers.7.mlp.up_proj.weight\)") as e:
         load_checkpoint(d)
     assert "missing" not in str(e.value)
 
@@ -651,13 +699,15 @@ def test_error_impossible_size_in_config_json(tmp_path, key, value):
 def test_error_config_json_of_another_model(hf, tmp_path):
     shutil.copy(hf["llama2"][2] / "model.safetensors", tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 64}')
-    with pytest.raises(UserError, match="config.json: not a Llama model config .*num_hidden_layers"):
+    with pytest.raises(UserError,
+                       match="config.json: not a Llama model config .*num_hidden_layers"):
         load_checkpoint(tmp_path)
 
 
 def test_error_corrupt_safetensors(hf, tmp_path):
     shutil.copy(hf["llama2"][2] / "config.json", tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00"
+                                                 b"{not json}......")
     with pytest.raises(UserError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path)
 

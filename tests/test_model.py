@@ -11,13 +11,14 @@ from errors import UserError
 from model import (IGNORE_INDEX, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
                    rope_angles, rope_frequencies)
 
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
 
 
 def tiny(seed=0, **overrides):
     """A tiny GQA model with Llama-3.1 rope, weights large enough that attention is sharp."""
-    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=80, rope_theta=500000.0,
-              rope_scaling=dict(LLAMA3_SCALING), max_seq_len=128)
+    kw = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=80,
+              rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING), max_seq_len=128)
     config = ModelConfig(**{**kw, **overrides})
     model = Transformer(config)
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +59,8 @@ def test_config_rejects_impossible_sizes(overrides, message):
 
 def test_presets():
     c = ModelConfig.from_name("llama-3.1-8b")
-    assert (c.dim, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.vocab_size, c.head_dim) == (4096, 32, 8, 14336, 128256, 128)
+    assert (c.dim, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.vocab_size, c.head_dim) == \
+        (4096, 32, 8, 14336, 128256, 128)
     assert c.rope_scaling["factor"] == 8.0 and c.rope_theta == 500000.0
     assert ModelConfig.from_name("llama-3.2-1b").tie_embeddings
     assert not ModelConfig.from_name("llama-2-7b").tie_embeddings
@@ -75,7 +77,8 @@ def test_rmsnorm():
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * torch.arange(1.0, 9.0)
     assert torch.allclose(norm(x), want, atol=1e-6)
-    half = norm.bfloat16()(x.bfloat16())  # a bf16 model stays bf16 (the statistics are taken in float32)
+    # a bf16 model stays bf16 (the statistics are taken in float32)
+    half = norm.bfloat16()(x.bfloat16())
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), want, rtol=2e-2, atol=2e-2)
 
 
@@ -92,7 +95,8 @@ def test_rope_frequencies_match_transformers():
         else:
             theirs, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
             assert attention_factor == 1.0
-        ours = rope_frequencies(ModelConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=500000.0, rope_scaling=scaling))
+        ours = rope_frequencies(ModelConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=500000.0,
+                                            rope_scaling=scaling))
         assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
     # the scaling changes something: the slow (long-wavelength) channels are divided by the factor
     plain = rope_frequencies(ModelConfig(dim=64, n_heads=4, n_kv_heads=4, rope_theta=500000.0))
@@ -118,12 +122,14 @@ def test_rope_depends_only_on_distance():
     x[..., 0] = 1.0
     c, s = rope_angles(config, torch.tensor([1]))
     rotated = apply_rotary_embedding(x, c, s)[0, 0, 0]
-    assert rotated[:2].tolist() == pytest.approx([torch.cos(torch.tensor(1.0)).item(), torch.sin(torch.tensor(1.0)).item()])
+    assert rotated[:2].tolist() == pytest.approx([torch.cos(torch.tensor(1.0)).item(),
+                                                  torch.sin(torch.tensor(1.0)).item()])
     assert rotated[2:].abs().max() == 0
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
-    """Query head h uses kv head h // (n_heads / n_kv_heads): the grouping of enable_gqa and of HF's repeat_kv."""
+    """Query head h uses kv head h // (n_heads / n_kv_heads): the grouping of enable_gqa and of
+    HF's repeat_kv."""
     gqa = tiny()
     mha = Transformer(ModelConfig(**{**gqa.config.__dict__, "n_kv_heads": 4})).eval()
     state = gqa.state_dict()
@@ -152,15 +158,16 @@ def test_causal():
 def test_tied_embeddings():
     model = tiny(tie_embeddings=True)
     assert model.lm_head.weight is model.embed_tokens.weight
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny().parameters()) - 80 * 64
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in tiny().parameters()) - 80 * 64
 
 
 # ---------------------------------------------------------------- KV cache
 
 @pytest.mark.parametrize("chunks", [[6] + [1] * 26, [1] * 32, [5, 7, 9, 1, 1, 9]])
 def test_kv_cache_matches_full_forward(chunks):
-    """Prefill then one token at a time, or several multi-token chunks (each chunk's queries must see the
-    whole cache plus a causal mask over the chunk itself)."""
+    """Prefill then one token at a time, or several multi-token chunks (each chunk's queries must
+    see the whole cache plus a causal mask over the chunk itself)."""
     model = tiny()
     x = rand_tokens((2, sum(chunks)))
     with torch.no_grad():
@@ -210,7 +217,8 @@ def test_packed_loss_equals_sum_of_document_losses():
     doc_ids = torch.tensor([[0] * 8 + [1] * 12])
     positions = torch.tensor([list(range(8)) + list(range(12))])
     labels = x.clone()
-    labels[0, 8] = IGNORE_INDEX  # the first token of a document is not predicted from the previous one
+    # the first token of a document is not predicted from the previous one
+    labels[0, 8] = IGNORE_INDEX
     with torch.no_grad():
         packed = model.loss(x, labels, positions=positions, doc_ids=doc_ids)
         separate = model.loss(x[:, :8], x[:, :8]) + model.loss(x[:, 8:], x[:, 8:])
@@ -232,8 +240,8 @@ def test_loss_is_shifted_sum_of_cross_entropy():
     labels = _labels(x)
     with torch.no_grad():
         logits = model(x)
-        want = F.cross_entropy(logits[:, :-1].reshape(-1, 80), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, 80), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
         got = model.loss(x, labels)
     assert abs(got.item() - want.item()) <= 1e-4
     n_targets = (labels[:, 1:] != IGNORE_INDEX).sum().item()
@@ -256,9 +264,12 @@ def test_chunked_loss_equals_full_loss(tie):
     for chunk in (7, 32, 1000):
         chunked, chunked_grads = _loss_and_grads(model, x, labels, chunk_size=chunk)
         assert abs(chunked.item() - loss.item()) <= 1e-5 * max(1.0, abs(loss.item()))
-        for name, g in grads.items():  # float32, summed in another order: relative to the gradient's size
-            assert (chunked_grads[name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
-    assert grads["embed_tokens.weight"].abs().max() > 0 and grads["layers.0.attn.q_proj.weight"].abs().max() > 0
+        # float32, summed in another order: relative to the gradient's size
+        for name, g in grads.items():
+            assert (chunked_grads[name] - g).abs().max().item() <= \
+                1e-5 * max(1.0, g.abs().max().item()), name
+    assert grads["embed_tokens.weight"].abs().max() > 0 and \
+        grads["layers.0.attn.q_proj.weight"].abs().max() > 0
 
 
 def test_grad_checkpointing_same_gradients():
@@ -287,4 +298,5 @@ def test_init_weights_reproducible():
     assert not torch.equal(a.embed_tokens.weight, tiny(seed=6).embed_tokens.weight)
     fresh = Transformer(copy.deepcopy(a.config))
     fresh.init_weights()
-    assert torch.equal(fresh.norm.weight, torch.ones(64)) and 0.01 < fresh.embed_tokens.weight.std() < 0.03
+    assert torch.equal(fresh.norm.weight, torch.ones(64)) and \
+        0.01 < fresh.embed_tokens.weight.std() < 0.03

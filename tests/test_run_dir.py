@@ -438,7 +438,8 @@ def test_resume_names_every_changed_setting_and_keeps_the_config(saved_run, caps
     changed = ["--lr", "1e-3", "--precision", "bf16", "--weight-decay", "0.1"]
     code, _, err = cli(argv + changed + ["--resume"], capsys)
     assert_one_line_error(code, err, f"--resume: {out} was trained with different settings: ",
-                          "lr 0.002 → 0.001, weight_decay 0.0 → 0.1, precision 'fp32' → 'bf16'")
+                          "lr 0.002 → 0.001, weight_decay 0.0 → 0.1, "
+                          "precision 'fp32' → 'bf16'")
     assert (out / "config.json").read_bytes() == before  # a refused resume rewrites nothing
 
 
@@ -500,6 +501,7 @@ def test_resume_may_train_longer_and_says_so(saved_run, capsys):
     out, argv = saved_run
     code, stdout, err = cli(argv + ["--max-steps", "6", "--resume"], capsys)
     assert code == 0, err
-    assert "note: --resume with --max-steps 4 → 6: the learning rate's cosine now ends at the new length" in stdout
+    assert ("note: --resume with --max-steps 4 → 6: the learning rate's cosine now ends at the "
+            "new length") in stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -1,4 +1,5 @@
-"""train_sft.py: the training loop end to end, on the built-in demo model and on the real stories260K.
+"""train_sft.py: the training loop end to end, on the built-in demo model and on the real
+stories260K.
 
 What is checked: a tiny model overfits a few examples; gradient accumulation gives the gradient of
 one big batch; a crashed or interrupted run resumes bit-exactly; checkpoints are written atomically;
@@ -56,7 +57,8 @@ def saved_state(out: Path) -> dict:
 
 def files_of(directory: Path) -> dict:
     """{relative path: bytes} of everything under `directory` (to prove nothing was touched)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -80,18 +82,22 @@ def fail_train_step_at(monkeypatch, call: int, exc: BaseException):
 @pytest.fixture
 def demo_data(tmp_path):
     """8 short demo records (22-57 bytes with --template none) and 3 others for validation."""
-    return write_records(tmp_path / "train.json", DEMO_RECORDS[:8]), write_records(tmp_path / "val.json", DEMO_RECORDS[8:11])
+    return (write_records(tmp_path / "train.json", DEMO_RECORDS[:8]),
+            write_records(tmp_path / "val.json", DEMO_RECORDS[8:11]))
 
 
 def demo_argv(train, out, *extra):
-    """The demo model (full fine-tuning, byte tokenizer) at a small size: 4 micro-batches of 2 per epoch."""
+    """The demo model (full fine-tuning, byte tokenizer) at a small size: 4 micro-batches of 2 per
+    epoch."""
     return ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
             "--grad-accum", 2, "--val-split", 0, "--warmup-steps", 2, "--save-every", 100, *extra]
 
 
 def stories_argv(out, *extra):
-    """LoRA on the real stories260K checkpoint and real Alpaca data (10 of 23 records fit in 128 tokens)."""
-    return ["--checkpoint", shared_path("models", "stories260K"), "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+    """LoRA on the real stories260K checkpoint and real Alpaca data (10 of 23 records fit in 128
+    tokens)."""
+    return ["--checkpoint", shared_path("models", "stories260K"),
+            "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
             "--out", out, "--seq-len", 128, "--batch-size", 2, "--grad-accum", 2, "--val-split", 0,
             "--lr", 1e-2, "--warmup-steps", 2, *extra]
 
@@ -100,11 +106,13 @@ def stories_argv(out, *extra):
 
 def test_overfits_a_handful_of_examples(tmp_path, demo_data):
     out = tmp_path / "out"
-    run(["--data", demo_data[0], "--out", out, "--template", "none", "--seq-len", 64, "--val-split", 0,
-         "--max-steps", 60, "--save-every", 1000])  # batch 8 (demo default): the 8 records are one batch
+    # batch 8 (demo default): the 8 records are one batch
+    run(["--data", demo_data[0], "--out", out, "--template", "none", "--seq-len", 64,
+         "--val-split", 0, "--max-steps", 60, "--save-every", 1000])
     losses = train_losses(out)
     assert list(losses) == list(range(1, 61))
-    # a random init predicts ~uniformly over the 258 byte tokens; observed: 5.54 → 0.07 after 60 steps
+    # a random init predicts ~uniformly over the 258 byte tokens; observed: 5.54 → 0.07
+    # after 60 steps
     assert abs(losses[1] - math.log(ByteTokenizer.vocab_size)) < 0.1
     assert losses[60] < 0.25
     assert losses[60] < losses[1] / 20
@@ -112,7 +120,8 @@ def test_overfits_a_handful_of_examples(tmp_path, demo_data):
     model, _ = load_checkpoint(out / "model")
     tok, template = ByteTokenizer(), data.get_template("none")
     record = DEMO_RECORDS[0]
-    answer = tok.decode(list(generate(model.eval(), tok, data.encode_prompt(record["instruction"], tok, template),
+    answer = tok.decode(list(generate(model.eval(), tok,
+                                      data.encode_prompt(record["instruction"], tok, template),
                                       max_new_tokens=40, temperature=0)))
     assert answer == record["output"]
 
@@ -126,15 +135,18 @@ def test_pure_bf16_full_finetuning(tmp_path, demo_data, monkeypatch):
     def spy(model, optimizer, *args, **kwargs):
         result = real_step(model, optimizer, *args, **kwargs)
         seen["dtypes"] = {p.dtype for p in model.parameters()}
-        seen["moments"] = {v.dtype for state in optimizer.state.values() for v in state.values() if v.dim()}
+        seen["moments"] = {v.dtype for state in optimizer.state.values() for v in state.values()
+                           if v.dim()}
         return result
     monkeypatch.setattr(train_sft, "train_step", spy)
-    run(demo_argv(demo_data[0], out, "--max-steps", 12, "--lr", 3e-3, "--pure-bf16", "--precision", "bf16"))
+    run(demo_argv(demo_data[0], out, "--max-steps", 12, "--lr", 3e-3, "--pure-bf16",
+                  "--precision", "bf16"))
     assert seen["dtypes"] == seen["moments"] == {torch.bfloat16}
     losses = train_losses(out)
     assert losses[12] < losses[1] - 1
     for extra in (["--precision", "fp32"], ["--method", "lora", "--precision", "bf16"]):
-        fails_with(demo_argv(demo_data[0], tmp_path / "x", "--pure-bf16", *extra), "--pure-bf16 is for --method full")
+        fails_with(demo_argv(demo_data[0], tmp_path / "x", "--pure-bf16", *extra),
+                   "--pure-bf16 is for --method full")
 
 
 # ---------------------------------------------------------------- 2. gradient accumulation
@@ -150,7 +162,8 @@ def accum_batches():
                enumerate([2, 60, 5, 3, 40, 90, 7, 25])]
     examples = [data.encode_example(r, tok, template, 256) for r in records]
     one = [batching.collate([[e] for e in examples], tok.eos_id, packed=False)]
-    four = [batching.collate([[e] for e in examples[i:i + 2]], tok.eos_id, packed=False) for i in range(0, 8, 2)]
+    four = [batching.collate([[e] for e in examples[i:i + 2]], tok.eos_id, packed=False)
+            for i in range(0, 8, 2)]
     return one, four
 
 
@@ -165,12 +178,14 @@ def flat(grads: dict) -> torch.Tensor:
 
 
 def train_step_grads(micro_batches, loss_chunk):
-    """(loss, {name: gradient}) of one train_step; the optimizer's step only records the gradients."""
+    """(loss, {name: gradient}) of one train_step; the optimizer's step only records the
+    gradients."""
     model = fresh_model()
     optimizer = train_sft.make_optimizer(model, 0.0, 0.0, "cpu")
     grads = {}
     optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
-    config = train_sft.TrainConfig(device="cpu", precision="fp32", grad_clip=0, loss_chunk=loss_chunk)
+    config = train_sft.TrainConfig(device="cpu", precision="fp32", grad_clip=0,
+                                   loss_chunk=loss_chunk)
     n_targets = sum(train_sft.count_targets(b) for b in micro_batches)
     loss, _ = train_sft.train_step(model, optimizer, micro_batches, n_targets, config)
     assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
@@ -181,7 +196,8 @@ def train_step_grads(micro_batches, loss_chunk):
 def test_grad_accumulation_equals_one_big_batch(loss_chunk):
     one, four = accum_batches()
     counts = [train_sft.count_targets(b) for b in four]
-    assert len(set(counts)) == 4 and sum(counts) == train_sft.count_targets(one[0])  # uneven micro-batches
+    # uneven micro-batches
+    assert len(set(counts)) == 4 and sum(counts) == train_sft.count_targets(one[0])
     loss_1, g_1 = train_step_grads(one, loss_chunk)
     loss_4, g_4 = train_step_grads(four, loss_chunk)
     assert g_1.keys() == g_4.keys() and len(g_1) == len(list(fresh_model().parameters()))
@@ -193,7 +209,8 @@ def test_grad_accumulation_equals_one_big_batch(loss_chunk):
     # The tempting alternative, a mean per micro-batch (then averaged), is NOT the same gradient.
     model = fresh_model()
     for b in four:
-        (model.loss(b["tokens"], b["labels"], chunk_size=loss_chunk) / train_sft.count_targets(b) / len(four)).backward()
+        (model.loss(b["tokens"], b["labels"], chunk_size=loss_chunk) / train_sft.count_targets(b)
+         / len(four)).backward()
     per_micro = flat({n: p.grad for n, p in model.named_parameters()})
     assert (per_micro - flat(g_1)).norm() > 1e-2 * flat(g_1).norm()
 
@@ -202,7 +219,8 @@ def test_evaluate_is_the_mean_over_target_tokens_and_keeps_train_mode():
     one, four = accum_batches()
     model = fresh_model()
     with torch.no_grad():
-        expected = float(model.loss(one[0]["tokens"], one[0]["labels"])) / train_sft.count_targets(one[0])
+        expected = float(model.loss(one[0]["tokens"], one[0]["labels"])) / \
+            train_sft.count_targets(one[0])
     assert train_sft.evaluate(model, four, "cpu", "fp32") == pytest.approx(expected, rel=1e-6)
     assert model.training
 
@@ -210,7 +228,8 @@ def test_evaluate_is_the_mean_over_target_tokens_and_keeps_train_mode():
 # ---------------------------------------------------------------- 3. exact resume
 
 def crash_then_resume(monkeypatch, argv, crash_step):
-    """Run `argv` until train_step crashes at crash_step, then run the same command plus --resume."""
+    """Run `argv` until train_step crashes at crash_step, then run the same command plus
+    --resume."""
     with monkeypatch.context() as m:
         fail_train_step_at(m, crash_step, RuntimeError("simulated crash"))
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -219,11 +238,13 @@ def crash_then_resume(monkeypatch, argv, crash_step):
 
 
 def test_lora_resume_is_exact_on_stories260k(tmp_path, monkeypatch):
-    val = write_records(tmp_path / "val.json", [{"instruction": "Say hi.", "output": "Hi there."},
-                                                {"instruction": "Name a color.", "output": "Blue."}])
+    val = write_records(tmp_path / "val.json",
+                        [{"instruction": "Say hi.", "output": "Hi there."},
+                         {"instruction": "Name a color.", "output": "Blue."}])
     # dropout > 0: the resumed run must restore the RNG to draw the same masks; an evaluation
     # (with a generated sample) at step 3 must not disturb anything either.
-    args = ["--lora-dropout", 0.1, "--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]
+    args = ["--lora-dropout", 0.1, "--max-steps", 6, "--save-every", 3, "--eval-every", 3,
+            "--val-data", val]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(stories_argv(straight, *args))
     crash_then_resume(monkeypatch, stories_argv(resumed, *args), crash_step=4)
@@ -232,30 +253,39 @@ def test_lora_resume_is_exact_on_stories260k(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 6
     assert a["model"] and all(".lora_" in k for k in a["model"])  # only the adapters are trainable
     assert_same_tensors(a["model"], b["model"])
-    assert all(v.abs().max() > 0 for k, v in a["model"].items() if k.endswith("lora_B"))  # B moved from its 0 init
-    assert (straight / "adapter" / "adapter.safetensors").read_bytes() == (resumed / "adapter" / "adapter.safetensors").read_bytes()
-    assert train_losses(straight) == train_losses(resumed)  # steps 4-6 of the resumed run: the same losses
-    assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [0, 3, 6]  # 0: before training
+    # B moved from its 0 init
+    assert all(v.abs().max() > 0 for k, v in a["model"].items() if k.endswith("lora_B"))
+    assert (straight / "adapter" / "adapter.safetensors").read_bytes() == \
+        (resumed / "adapter" / "adapter.safetensors").read_bytes()
+    # steps 4-6 of the resumed run: the same losses
+    assert train_losses(straight) == train_losses(resumed)
+    # 0: before training
+    assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [0, 3, 6]
 
 
 def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo_data):
     train, val = demo_data
-    args = ["--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]  # crosses epochs (4 micro-batches each)
+    # crosses epochs (4 micro-batches each)
+    args = ["--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(demo_argv(train, straight, *args))
-    crash_then_resume(monkeypatch, demo_argv(train, resumed, *args), crash_step=5)  # last checkpoint: step 3
+    # last checkpoint: step 3
+    crash_then_resume(monkeypatch, demo_argv(train, resumed, *args), crash_step=5)
 
     a, b = saved_state(straight), saved_state(resumed)
     assert a["step"] == b["step"] == 6
-    assert len(a["model"]) == len(list(Transformer(train_sft.DEMO_CONFIG).parameters()))  # every weight
+    # every weight
+    assert len(a["model"]) == len(list(Transformer(train_sft.DEMO_CONFIG).parameters()))
     assert_same_tensors(a["model"], b["model"])
-    assert_same_tensors(load_checkpoint(straight / "model")[0].state_dict(), load_checkpoint(resumed / "model")[0].state_dict())
+    assert_same_tensors(load_checkpoint(straight / "model")[0].state_dict(),
+                        load_checkpoint(resumed / "model")[0].state_dict())
     assert train_losses(straight) == train_losses(resumed)
     assert train_losses(straight)[6] < train_losses(straight)[1] - 1  # it did train
     # step 4 ran twice (before the crash, and after resuming from step 3) but is logged once
     assert [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(resumed)] == \
            [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(straight)]
-    assert [r["step"] for r in metrics(resumed)] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # validation at 0, 3 and 6
+    # validation at 0, 3 and 6
+    assert [r["step"] for r in metrics(resumed)] == [0, 1, 2, 3, 3, 4, 5, 6, 6]
 
 
 # ---------------------------------------------------------------- 4. atomic checkpoints
@@ -278,10 +308,13 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch,
         with pytest.raises(UserError, match="no space left on device while writing"):
             run(argv)
     assert len(targets) == 2
-    assert targets[1].parent == out and targets[1].name != "checkpoint.pt"  # written beside, under another name
+    # written beside, under another name
+    assert targets[1].parent == out and targets[1].name != "checkpoint.pt"
     assert (out / "checkpoint.pt").read_bytes() == before["checkpoint"]
     assert saved_state(out)["step"] == 2
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl"]  # no temp file
+    # no temp file
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json",
+                                                     "metrics.jsonl"]
     run(argv + ["--resume"])  # and the run goes on from step 2
     assert saved_state(out)["step"] == 6
 
@@ -289,7 +322,8 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch,
 # ---------------------------------------------------------------- 5. NaN loss
 
 @pytest.mark.parametrize("save_every", [2, 100])
-def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsys, demo_data, save_every):
+def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsys, demo_data,
+                                                    save_every):
     out = tmp_path / "out"
     real_loss, real_step = Transformer.loss, train_sft.train_step
     calls, after_step, models = [], [], []
@@ -298,7 +332,8 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsy
         value = real_loss(self, *args, **kwargs)
         if self.training:
             calls.append(1)
-            if len(calls) == 6:  # step 3's second micro-batch (--grad-accum 2): its first one already backpropagated
+            # step 3's second micro-batch (--grad-accum 2): its first one already backpropagated
+            if len(calls) == 6:
                 return value * float("nan")
         return value
 
@@ -317,10 +352,12 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path, monkeypatch, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("error: loss is nan at step 3; stopped before updating the weights (try a lower --lr). ")
+    assert err.startswith("error: loss is nan at step 3; stopped before updating the weights "
+                          "(try a lower --lr). ")
     assert len(after_step) == 2 and len(models) == 3
     model = models[-1]
-    assert not torch.equal(after_step[0]["norm.weight"], after_step[1]["norm.weight"])  # steps do move the weights
+    # steps do move the weights
+    assert not torch.equal(after_step[0]["norm.weight"], after_step[1]["norm.weight"])
     for name, p in model.named_parameters():
         assert torch.equal(p, after_step[1][name]), name  # ... but the NaN step did not
         assert p.grad is None  # nor left its gradients for the next step
@@ -339,9 +376,10 @@ def test_a_non_finite_gradient_stops_the_run_too(tmp_path, demo_data):
     """lr 1e4 wrecks the weights in one step: the next loss is still finite, but its gradient is
     not. The run stops there with one line, instead of going on without updating anything."""
     out = tmp_path / "out"
-    text = fails_with(demo_argv(demo_data[0], out, "--max-steps", 10, "--lr", 1e4, "--warmup-steps", 0,
-                                "--grad-clip", 0), "the gradient norm is nan at step 2; stopped before "
-                                                   "updating the weights (try a lower --lr)")
+    text = fails_with(demo_argv(demo_data[0], out, "--max-steps", 10, "--lr", 1e4,
+                                "--warmup-steps", 0, "--grad-clip", 0),
+                      "the gradient norm is nan at step 2; stopped before "
+                      "updating the weights (try a lower --lr)")
     assert "No checkpoint was saved before it" in text
     assert train_losses(out).keys() == {1}
 
@@ -357,12 +395,14 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, monkeypatch, capsys, demo_d
         with pytest.raises(SystemExit) as exit_info:
             run(demo_argv(demo_data[0], interrupted, *args))
     assert exit_info.value.code == 130
-    assert f"interrupted: saved step 3 to {interrupted / 'checkpoint.pt'}" in capsys.readouterr().err
+    assert f"interrupted: saved step 3 to {interrupted / 'checkpoint.pt'}" in \
+        capsys.readouterr().err
     assert saved_state(interrupted)["step"] == 3
     assert not (interrupted / "model").exists()  # the run did not finish
 
     run(demo_argv(demo_data[0], interrupted, *args, "--resume"))
-    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4, 5, 6]  # continued at 4, nothing repeated
+    # continued at 4, nothing repeated
+    assert [r["step"] for r in metrics(interrupted)] == [1, 2, 3, 4, 5, 6]
     assert train_losses(interrupted) == train_losses(straight)
     assert_same_tensors(saved_state(interrupted)["model"], saved_state(straight)["model"])
 
@@ -401,7 +441,8 @@ def test_missing_checkpoint(tmp_path, earlier_run):
     before = files_of(earlier_run)
     out, missing = tmp_path / "out", tmp_path / "no-such-model"
     fails_with(stories_argv(out, "--checkpoint", missing), f"checkpoint not found: {missing}")
-    train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))  # the fixed command may use --out
+    # the fixed command may use --out
+    train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))
     assert files_of(earlier_run) == before
 
 
@@ -414,7 +455,8 @@ def test_missing_data(tmp_path):
 
 def test_missing_data_on_the_command_line(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "train_sft.py", "--data", "no-such.json", "--out", str(out), "--max-steps", "1"],
+    proc = subprocess.run([sys.executable, "train_sft.py", "--data", "no-such.json",
+                           "--out", str(out), "--max-steps", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == "error: data file not found: no-such.json\n"
@@ -431,16 +473,20 @@ def test_unwritable_out(tmp_path, under):
 
 def test_out_holding_another_run(earlier_run):
     before = files_of(earlier_run)
-    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "adapter/adapter.safetensors"} <= before.keys()
+    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "adapter/adapter.safetensors"} <= \
+        before.keys()
     fails_with(stories_argv(earlier_run, "--lora-r", 8),
-               f"{earlier_run} already holds a run; pass --resume to continue it or choose another --out")
-    fails_with(stories_argv(earlier_run), "already holds a run")  # even the same settings: never silently restarted
+               f"{earlier_run} already holds a run; pass --resume to continue it or choose "
+               "another --out")
+    # even the same settings: never silently restarted
+    fails_with(stories_argv(earlier_run), "already holds a run")
     assert files_of(earlier_run) == before
 
 
 def test_unknown_lora_target(tmp_path):
     out = tmp_path / "out"
-    fails_with(stories_argv(out, "--lora-targets", "q,foo"), "unknown LoRA target 'foo'; valid: q, k, v, o, gate, up, down, head, all")
+    fails_with(stories_argv(out, "--lora-targets", "q,foo"),
+               "unknown LoRA target 'foo'; valid: q, k, v, o, gate, up, down, head, all")
     train_sft.prepare_out(train_sft.parse_args([str(a) for a in stories_argv(out)]))
 
 
@@ -448,15 +494,18 @@ def test_resume_with_other_settings(earlier_run):
     before = files_of(earlier_run)
     fails_with(stories_argv(earlier_run, "--lora-r", 8, "--resume"),
                f"--resume: {earlier_run} was trained with different settings: lora_r 16 → 8")
-    fails_with(stories_argv(earlier_run, "--seed", 1, "--batch-size", 4, "--resume"), "batch_size 2 → 4, seed 42 → 1")
+    fails_with(stories_argv(earlier_run, "--seed", 1, "--batch-size", 4, "--resume"),
+               "batch_size 2 → 4, seed 42 → 1")
     assert files_of(earlier_run) == before
 
 
 def test_resume_without_a_run(tmp_path):
-    fails_with(stories_argv(tmp_path / "empty", "--resume"), f"--resume: {tmp_path / 'empty'} holds no run (no config.json)")
+    fails_with(stories_argv(tmp_path / "empty", "--resume"),
+               f"--resume: {tmp_path / 'empty'} holds no run (no config.json)")
 
 
-@pytest.mark.parametrize("option", ["--save-every", "--batch-size", "--grad-accum", "--seq-len", "--eval-every"])
+@pytest.mark.parametrize("option", ["--save-every", "--batch-size", "--grad-accum", "--seq-len",
+                                    "--eval-every"])
 def test_zero_sizes_are_refused(tmp_path, option):
     with pytest.raises(UserError, match=f"^argument {option}: must be an integer >= 1, got 0$"):
         train_sft.parse_args(["--out", str(tmp_path / "out"), option, "0"])
@@ -467,13 +516,16 @@ def test_zero_sizes_are_refused(tmp_path, option):
 
 def test_lr_warmup_then_cosine():
     lr = [train_sft.lr_at(s, 1.0, warmup=4, total=14) for s in range(16)]
-    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup, reaching the peak at its last step
+    # linear warmup, reaching the peak at its last step
+    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lr[4] == pytest.approx(1.0)  # cosine from the peak ...
     assert lr[9] == pytest.approx(0.5)  # halfway through the decay
     assert lr[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
-    assert lr[14] == pytest.approx(0.0, abs=1e-12) and lr[15] == pytest.approx(0.0, abs=1e-12)  # ... to 0, and stays
+    # ... to 0, and stays
+    assert lr[14] == pytest.approx(0.0, abs=1e-12) and lr[15] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(lr[4:], lr[5:]))
-    assert train_sft.lr_at(0, 3e-4, warmup=0, total=10) == pytest.approx(3e-4)  # no warmup: the peak at once
+    # no warmup: the peak at once
+    assert train_sft.lr_at(0, 3e-4, warmup=0, total=10) == pytest.approx(3e-4)
 
 
 # ---------------------------------------------------------------- 9. end to end with --merge
@@ -484,7 +536,8 @@ def test_lora_merge_end_to_end(tmp_path, monkeypatch):
     at_end = {}
     real_finish = train_sft.finish
 
-    def finish(args, out, model, tokenizer):  # the logits of the trained LoRA model, before it is merged
+    # the logits of the trained LoRA model, before it is merged
+    def finish(args, out, model, tokenizer):
         model.eval()
         with torch.no_grad():
             at_end["logits"] = model(tokens)
@@ -492,19 +545,24 @@ def test_lora_merge_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "finish", finish)
     run(stories_argv(out, "--max-steps", 3, "--warmup-steps", 1, "--merge"))
 
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter.safetensors").is_file()
-    assert (out / "model" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() and \
+        (out / "adapter" / "adapter.safetensors").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and \
+        (out / "hf" / "config.json").is_file()
     # the tokenizer travels with the model, so generate.py --checkpoint out/model needs nothing else
     tok = shared_path("models", "stories260K", "tok512.model").read_bytes()
-    assert (out / "model" / "tokenizer.model").read_bytes() == tok == (out / "hf" / "tokenizer.model").read_bytes()
-    assert (out / "model" / "model.safetensors").stat().st_mode & 0o044  # not private to the owner (mkstemp's 0600)
+    assert (out / "model" / "tokenizer.model").read_bytes() == tok == \
+        (out / "hf" / "tokenizer.model").read_bytes()
+    # not private to the owner (mkstemp's 0600)
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o044
     base, _ = load_checkpoint(shared_path("models", "stories260K"))
     with torch.no_grad():
         base_logits = base.eval()(tokens)
         adapted = load_adapter(base, out / "adapter").eval()(tokens)
         merged = load_checkpoint(out / "model")[0].eval()(tokens)
         hf = load_checkpoint(out / "hf")[0].eval()(tokens)
-    assert (at_end["logits"] - base_logits).abs().max() > 1e-2  # 3 steps at lr 1e-2 did change the model
+    # 3 steps at lr 1e-2 did change the model
+    assert (at_end["logits"] - base_logits).abs().max() > 1e-2
     assert torch.allclose(adapted, at_end["logits"], atol=1e-5)
     assert torch.allclose(merged, at_end["logits"], atol=1e-4)
     assert torch.allclose(hf, merged, atol=1e-5)
@@ -519,12 +577,14 @@ def test_smollm2_lora_sft_and_hf_export(tmp_path, smollm2_path, smollm2):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "out"
     run(["--checkpoint", smollm2_path, "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
-         "--template", "chatml", "--out", out, "--seq-len", 96, "--batch-size", 2, "--grad-accum", 1,
-         "--val-split", 0.1, "--max-steps", 3, "--warmup-steps", 1, "--lr", 1e-3, "--merge"])
+         "--template", "chatml", "--out", out, "--seq-len", 96, "--batch-size", 2,
+         "--grad-accum", 1, "--val-split", 0.1, "--max-steps", 3, "--warmup-steps", 1,
+         "--lr", 1e-3, "--merge"])
     rows = metrics(out)
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 3]  # before training, and after
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # held-out answers became more likely
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        out / "hf", dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
     messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
     ids = data.encode_prompt(messages[0]["content"], smollm2, data.get_template("chatml"))
@@ -543,7 +603,8 @@ def test_settings_the_run_had_to_change_are_said_and_recorded(tmp_path, capsys):
     run(stories_argv(out, "--seq-len", 100000, "--max-steps", 3, "--warmup-steps", 100))
     printed = capsys.readouterr().out
     assert "note: --seq-len 100000 is longer than the model's context; using 512" in printed
-    assert "note: --warmup-steps 100 is not shorter than the run (3 steps); warming up for 1 steps" in printed
+    assert ("note: --warmup-steps 100 is not shorter than the run (3 steps); warming up for "
+            "1 steps") in printed
     config = json.loads((out / "config.json").read_text())
     assert (config["seq_len"], config["warmup_steps"]) == (100000, 100)
     assert config["effective"] == {"seq_len": 512, "warmup_steps": 1}
@@ -552,8 +613,9 @@ def test_settings_the_run_had_to_change_are_said_and_recorded(tmp_path, capsys):
 
 
 def test_the_demo_runs_from_any_directory(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--max-steps", "1", "--val-split", "0",
-                           "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--max-steps", "1",
+                           "--val-split", "0", "--out", "run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
@@ -562,7 +624,8 @@ def test_help_gives_every_flag_a_text_and_its_default(capsys):
     with pytest.raises(SystemExit):
         train_sft.parse_args(["--help"])
     blocks = help_blocks(capsys.readouterr().out)
-    assert {"--checkpoint", "--seed", "--device", "--lr", "--pure-bf16", "--lora-r"} <= blocks.keys()
+    assert {"--checkpoint", "--seed", "--device", "--lr", "--pure-bf16", "--lora-r"} <= \
+        blocks.keys()
     for flag, block in blocks.items():
         if flag != "-h":
             assert "default" in block, block
