@@ -286,7 +286,13 @@ class HostEmbedding(nn.Embedding):
         super().__init__(*weight.shape, _weight=weight.detach().cpu(), _freeze=True)
 
     def forward(self, tokens):
-        return super().forward(tokens.cpu()).to(tokens.device, non_blocking=True)
+        ids = tokens.cpu().flatten()
+        # gathered into page-locked memory, from where the copy to the GPU runs on its own while
+        # the CPU goes on queuing the blocks (torch caches such buffers: no allocation per step)
+        rows = torch.empty(len(ids), self.embedding_dim, dtype=self.weight.dtype,
+                           pin_memory=torch.cuda.is_available())
+        torch.index_select(self.weight, 0, ids, out=rows)
+        return rows.view(*tokens.shape, -1).to(tokens.device, non_blocking=True)
 
 
 def embedding_to_host(model: nn.Module):
