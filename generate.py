@@ -47,14 +47,15 @@ def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_token
     """Yield new token ids one at a time until a stop token, max_new_tokens or a full context."""
     if max_new_tokens < 1:  # (else the check below would blame the prompt)
         raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    device = next(model.parameters()).device
+    # where the blocks compute (QLoRA may keep the embedding in CPU memory: quant.HostEmbedding)
+    device = model.norm.weight.device
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_seq_len)
     if len(prompt_ids) >= max_len:
         raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
                         f"{model.config.max_seq_len}")
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    dtype = model.norm.weight.dtype
     cache_dtype = dtype if dtype.is_floating_point else torch.float32
     cache = KVCache(model.config, 1, max_len, device=device, dtype=cache_dtype)
     tokens = torch.tensor([prompt_ids], device=device)
