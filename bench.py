@@ -94,6 +94,8 @@ def parse_args(argv=None):
     a("--grad-ckpt", action="store_true", help="activation checkpointing")
     a("--pure-bf16", action="store_true",
       help="full fine-tuning with bf16 weights and AdamW state, no float32 master copy")
+    a("--adamw-state", choices=["fp32", "bf16"], default="fp32",
+      help="full fine-tuning with float32 weights: AdamW's moments in fp32 or bf16 (optim.py)")
     a("--prompt-frac", type=fraction_below_one, default=0.3,
       help="share of each row masked as prompt (-100)")
     a("--compile", action="store_true", help="torch.compile each transformer block")
@@ -150,6 +152,9 @@ def main(argv=None):
 
     if a.pure_bf16 and a.method != "full":
         raise UserError("--pure-bf16 is for --method full")
+    if a.adamw_state == "bf16" and (a.method != "full" or a.pure_bf16 or dist):
+        raise UserError("--adamw-state bf16 is for --method full with float32 weights, in one "
+                        "process")
     c = ModelConfig.from_name(a.shape)
     if a.seq_len is None:  # a shape with a shorter context (tiny: 512) gets all of it
         a.seq_len = min(2048, c.max_seq_len)
@@ -165,7 +170,8 @@ def main(argv=None):
     trainable, _ = count_parameters(model)  # (before sharding)
     settings = TrainConfig(method=a.method, batch_size=a.batch_size, seq_len=a.seq_len,
                            device=a.device, precision=precision, grad_ckpt=a.grad_ckpt,
-                           loss_chunk=a.loss_chunk, compile=a.compile, world_size=world)
+                           loss_chunk=a.loss_chunk, compile=a.compile,
+                           adamw_state=a.adamw_state, world_size=world)
     # what train_sft.py prints before training
     estimate = estimate_memory(model, settings)["total"]
     if dist:
@@ -173,7 +179,7 @@ def main(argv=None):
     if a.compile:
         compile_for_training(model)
     model.train()
-    optimizer = make_optimizer(model, 1e-4, 0.0, a.device)
+    optimizer = make_optimizer(model, 1e-4, 0.0, a.device, a.adamw_state)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     B, S = a.batch_size, a.seq_len
@@ -225,6 +231,7 @@ def main(argv=None):
             "loss": round(float(loss), 4), "trainable_params": trainable,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "compile": a.compile, "loss_chunk": a.loss_chunk, "pure_bf16": a.pure_bf16,
+            "adamw_state": a.adamw_state,
             "estimate_gib": round(estimate, 2),
         }), flush=True)
     if dist:

@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str | None = None   # None: bf16 on GPUs that have it, else fp16; fp32 on CPU
     grad_ckpt: bool = False
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
+    adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
     compile: bool = False
     loss_chunk: int = 1024
     packing: bool = False
@@ -135,6 +136,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--pure-bf16", action="store_true", help="full fine-tuning in bf16 throughout (weights, "
       "gradients, AdamW state), as Hugging Face's default does: half the memory of float32 master "
       "weights, but updates smaller than bf16's resolution are lost")
+    a("--adamw-state", choices=["fp32", "bf16"], default=d.adamw_state,
+      help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
+      "stochastic rounding) takes 12 bytes a parameter instead of 16")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
       help="positions per chunk of the output-head loss (0 = all at once)")
@@ -157,6 +161,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
         config.precision = default_precision(config.device)
     if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
         raise UserError("--pure-bf16 is for --method full with --precision bf16 (a GPU's default)")
+    if config.adamw_state == "bf16" and (config.method != "full" or config.pure_bf16):
+        raise UserError("--adamw-state bf16 is for --method full with float32 weights (not "
+                        "--pure-bf16, whose AdamW state is bf16 already)")
     if config.precision == "fp16" and not config.device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)

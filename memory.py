@@ -3,7 +3,7 @@
     weights      every parameter and buffer on the GPU (bf16 base: 2 bytes a parameter; NF4:
                  about 0.52; QLoRA keeps an untied embedding in CPU memory)
     gradients    one per trainable weight (LoRA: only the adapters)
-    optimizer    AdamW's two moments per trainable weight
+    optimizer    AdamW's two moments per trainable weight (in bf16 with --adamw-state bf16)
     activations  what the forward pass keeps for the backward pass; --grad-ckpt keeps only each
                  block's input and recomputes the rest
     logits       one --loss-chunk of (positions × vocabulary) logits and their gradient
@@ -19,8 +19,8 @@ def estimate_memory(model, config) -> dict:
     """Rough GiB a training run needs on the GPU, by kind: the weights; a gradient and two AdamW
     moments for each trainable weight; the activations kept for the backward pass; the logits of
     one loss chunk, on each GPU. `config` gives method, batch_size, seq_len, precision, grad_ckpt,
-    loss_chunk, compile and world_size (torchrun: full fine-tuning shards weights and AdamW
-    state)."""
+    loss_chunk, compile, adamw_state and world_size (torchrun: full fine-tuning shards weights and
+    AdamW state)."""
     c = model.config
     device = model.norm.weight.device  # (QLoRA's embedding may be in CPU memory: not counted)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
@@ -51,9 +51,12 @@ def estimate_memory(model, config) -> dict:
     logit_rows = min(tokens, config.loss_chunk) if config.loss_chunk else tokens
     # float32 logits, their gradient, and the matmul's output in the compute dtype
     logits = logit_rows * c.vocab_size * (4 + 4 + act_bytes)
+    moments = 2 * trainable_bytes  # AdamW's two, in the weights' dtype, or bf16 (--adamw-state)
+    if config.adamw_state == "bf16":
+        moments = 2 * 2 * sum(p.numel() for p in trainable)
     shards = config.world_size if config.method == "full" else 1  # FSDP: 1/world of each, a rank
     estimate = dict(weights=weights / shards, gradients=trainable_bytes / shards,
-                    optimizer=2 * trainable_bytes / shards, activations=activations, logits=logits)
+                    optimizer=moments / shards, activations=activations, logits=logits)
     estimate = {kind: size / 2**30 for kind, size in estimate.items()}
     estimate["total"] = sum(estimate.values())
     return estimate

@@ -18,7 +18,8 @@ RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split",
                      "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
                      "grad_accum", "lr", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                     "precision", "pure_bf16", "loss_chunk", "packing", "world_size")
+                     "precision", "pure_bf16", "adamw_state", "loss_chunk", "packing",
+                     "world_size")
 # Settings that may change on --resume: they decide what is shown or saved, where, or how fast.
 # --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is

@@ -45,6 +45,8 @@ def main(argv=None):
     dist = start_distributed()  # torchrun: data parallel (distributed.py); otherwise None
     if dist:
         config = replace(config, device=dist.device, world_size=dist.world)
+    if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
+        raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
     stop_on_sigterm()
@@ -62,7 +64,8 @@ def main(argv=None):
         compile_for_training(model)
     memory = estimate_memory(model, replace(config, seq_len=batches.longest))
     log.say(memory_line(memory, config.device))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
+                               config.adamw_state)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
     if config.resume and log.speaks:
@@ -196,12 +199,16 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr, weight_decay, device):
+def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
     """AdamW. Weight decay (if any) only on matrices: it pulls weights toward 0, which for LoRA's
-    A and B means toward the pretrained model, a sensible pull; norm gains belong near 1, not 0."""
+    A and B means toward the pretrained model, a sensible pull; norm gains belong near 1, not 0.
+    adamw_state "bf16": the moments stored in bf16 (optim.py, --adamw-state)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if adamw_state == "bf16":
+        from optim import AdamWBf16State
+        return AdamWBf16State(groups, lr=lr, betas=(0.9, 0.999))
     fused = str(device).startswith("cuda")  # one kernel for all parameters on a GPU
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 

@@ -150,6 +150,8 @@ def test_bench_help_gives_every_flag_a_text_and_its_default(capsys):
     (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (["--shape", "tiny", "--seq-len", "600"], "--seq-len 600 is longer than tiny's context (512)"),
     (["--prompt-frac", "1"], "argument --prompt-frac: must be a number in [0, 1), got 1"),
+    (["--adamw-state", "bf16"], "--adamw-state bf16 is for --method full with float32 weights, "
+                                "in one process"),
 ])
 def test_bench_bad_flags_are_one_line(flags, message, capsys):
     cpu = [] if "--device" in flags else ["--device", "cpu"]

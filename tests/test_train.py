@@ -147,6 +147,9 @@ def test_pure_bf16_full_finetuning(tmp_path, demo_data, monkeypatch):
     for extra in (["--precision", "fp32"], ["--method", "lora", "--precision", "bf16"]):
         fails_with(demo_argv(demo_data[0], tmp_path / "x", "--pure-bf16", *extra),
                    "--pure-bf16 is for --method full")
+    for extra in (["--method", "lora"], ["--pure-bf16", "--precision", "bf16"]):
+        fails_with(demo_argv(demo_data[0], tmp_path / "x", "--adamw-state", "bf16", *extra),
+                   "--adamw-state bf16 is for --method full with float32 weights")
 
 
 # ---------------------------------------------------------------- 2. gradient accumulation
@@ -263,10 +266,15 @@ def test_lora_resume_is_exact_on_stories260k(tmp_path, monkeypatch):
     assert [r["step"] for r in metrics(resumed) if "val_loss" in r] == [0, 3, 6]
 
 
-def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo_data):
+@pytest.mark.parametrize("adamw_state", ["fp32", "bf16"])
+def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo_data,
+                                                     adamw_state):
+    """Also with AdamW's moments in bf16 (--adamw-state bf16, optim.py): stochastic rounding from
+    a hash of the step, so the resumed run rounds as the uninterrupted one did."""
     train, val = demo_data
     # crosses epochs (4 micro-batches each)
-    args = ["--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val]
+    args = ["--max-steps", 6, "--save-every", 3, "--eval-every", 3, "--val-data", val,
+            "--adamw-state", adamw_state]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(demo_argv(train, straight, *args))
     # last checkpoint: step 3
@@ -274,6 +282,9 @@ def test_full_finetuning_resume_is_exact_on_the_demo(tmp_path, monkeypatch, demo
 
     a, b = saved_state(straight), saved_state(resumed)
     assert a["step"] == b["step"] == 6
+    moments = {v.dtype for state in b["optimizer"]["state"].values() for k, v in state.items()
+               if k.startswith("exp_avg")}
+    assert moments == {torch.bfloat16 if adamw_state == "bf16" else torch.float32}
     # every weight
     assert len(a["model"]) == len(list(Transformer(train_sft.DEMO_CONFIG).parameters()))
     assert_same_tensors(a["model"], b["model"])
