@@ -71,6 +71,7 @@ class AdamWBf16State(torch.optim.Optimizer):
         index = 0  # the parameter's place: its own rounding noise
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hypers = {}  # by step count (the same for all, in practice): one copy to the device
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -82,12 +83,13 @@ class AdamWBf16State(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
                 t = int(state["step"])
-                hyper = torch.tensor([group["lr"], beta1, beta2, group["eps"],
-                                      group["weight_decay"], 1 - beta1 ** t, 1 - beta2 ** t, t],
-                                     dtype=torch.float64).to(p.device, non_blocking=True)
+                if t not in hypers:
+                    hypers[t] = torch.tensor([group["lr"], beta1, beta2, group["eps"],
+                                              group["weight_decay"], 1 - beta1 ** t,
+                                              1 - beta2 ** t, t], dtype=torch.float64).to(p.device)
                 # flat views: one compiled kernel serves every shape
                 self.update(p.view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
-                            state["exp_avg_sq"].view(-1), hyper, index)
+                            state["exp_avg_sq"].view(-1), hypers[t], index)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # (torch casts the moments to the weights' dtype)
