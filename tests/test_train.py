@@ -152,6 +152,18 @@ def test_pure_bf16_full_finetuning(tmp_path, demo_data, monkeypatch):
                    "--adamw-state bf16 is for --method full with float32 weights")
 
 
+
+def test_bf16_adamw_state_is_refused_under_torchrun(tmp_path, demo_data, monkeypatch):
+    """optim.py does not handle FSDP's sharded weights: under torchrun, one line before anything
+    is written."""
+    class TwoRanks:
+        device, world = "cpu", 2
+    monkeypatch.setattr(train_sft, "start_distributed", lambda: TwoRanks())
+    out = tmp_path / "out"
+    fails_with(demo_argv(demo_data[0], out, "--adamw-state", "bf16"),
+               "--adamw-state bf16 runs in one process, not under torchrun")
+    assert not out.exists()
+
 # ---------------------------------------------------------------- 2. gradient accumulation
 
 ACCUM_CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96,
