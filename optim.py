@@ -10,7 +10,7 @@ bf16 numbers are up to 0.8% apart: rounded to the nearest, v would stop moving. 
 rounded stochastically: a value between two bf16 numbers goes up with probability equal to its
 distance from the lower one, in units of their gap, and on average nothing is lost.
 
-    bf16 = the top 16 bits of a float32:   bits(x) + r, r uniform in [0, 2¹⁶), low 16 bits cleared
+    bf16 = the top 16 bits of a float32:   bits(x) + r, r uniform in [0, 2¹⁶), low bits cleared
 
 r is a hash of (step, parameter, position), not a draw from a random generator, so a resumed run
 rounds exactly as an uninterrupted one. On a GPU the update is one compiled kernel per parameter.
@@ -19,6 +19,7 @@ import torch
 
 # a 32-bit integer hash (two multiply-xorshift rounds): uniform enough for rounding noise
 HASH_MULTIPLIER = 0x45D9F3B
+SEED_MULTIPLIER = 0x2545F491  # spreads the seeds apart (< 2³⁰: an int64 product cannot overflow)
 MASK32 = 0xFFFFFFFF
 
 
@@ -31,10 +32,10 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def round_to_bf16(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """float32 → bf16, stochastically: up with probability (x − down) / (up − down). `seed`: an
-    int64 scalar tensor, a different one for every tensor and step."""
+    """float32 → bf16, stochastically: up with probability (x − down) / (up − down).
+    `seed`: an int64 scalar tensor, a different one for every tensor and step."""
     position = torch.arange(x.numel(), device=x.device).view(x.shape)
-    r = (hash32(position + seed * 0x9E3779B1) & 0xFFFF).to(torch.int32)
+    r = (hash32(position + (seed & MASK32) * SEED_MULTIPLIER) & 0xFFFF).to(torch.int32)
     bits = (x.view(torch.int32) + r) & -0x10000  # (-0x10000: the high 16 bits set)
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are 0
 
