@@ -140,26 +140,14 @@ def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None, 
     if scaler:
         scaler.unscale_(optimizer)  # the true gradients, for clipping
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # over all ranks
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).item())  # over all ranks
     if scaler:
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
         scaler.update()
-    else:  # a NaN/inf gradient (a NaN loss) must not reach the weights
-        step_if_finite(optimizer, grad_norm)
+    elif math.isfinite(grad_norm):  # a NaN/inf gradient (a NaN loss) must not reach the weights
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(total), float(grad_norm)
-
-
-def step_if_finite(optimizer, grad_norm):
-    """optimizer.step(), skipped when the gradient norm is NaN or infinite. The fused AdamW of a
-    GPU run skips it on the GPU (found_inf: how GradScaler tells it), so the CPU queues the update
-    without waiting to read the norm, and the GPU never idles for that read. (Under FSDP the norm
-    is a DTensor, and the norm is read.)"""
-    if optimizer.defaults.get("fused") and type(grad_norm) is torch.Tensor:
-        optimizer.found_inf = (~grad_norm.isfinite()).float()
-        optimizer.step()
-    elif math.isfinite(grad_norm):
-        optimizer.step()
+    return float(total), grad_norm
 
 
 def batch_loss(model, batch, device, precision, loss_chunk=0):
