@@ -278,8 +278,8 @@ def quantize_model(model: nn.Module, targets=None, block_size: int = 64,
 class HostEmbedding(nn.Embedding):
     """A frozen token embedding kept in CPU memory. A lookup needs only the rows of the batch's
     tokens, so only those go to the GPU: for Llama-3-8B, 1 GiB of bf16 stays off the GPU, and a
-    step of 2×2048 tokens moves 32 MiB. For QLoRA, where the embedding would otherwise be a
-    quarter of the GPU memory the frozen model takes. (Call it after the model's last .to(device):
+    step of 2×2048 tokens moves 32 MiB. For QLoRA, where the embedding would otherwise be a fifth
+    of the GPU memory the frozen model takes. (Call it after the model's last .to(device):
     .to() would move it back.)"""
 
     def __init__(self, weight: torch.Tensor):
