@@ -27,17 +27,17 @@ def chunked_cross_entropy(h, weight, targets, chunk_size: int, compiled: bool = 
 def loss_and_grad(logits, targets):
     """For one chunk: Σ cross-entropy, and its gradient w.r.t. the logits, softmax − onehot
     (zero on ignored positions), in the logits' dtype: the next matmuls take it in that dtype.
-    Plain elementwise work in float32: compiled (--compile), it is two passes over the logits,
-    and no float32 copy of them is ever stored."""
+    Plain elementwise work in float32: compile_for_training fuses it into two passes over the
+    logits."""
     dtype = logits.dtype
     logits = logits.float()
     valid = (targets != IGNORE_INDEX)[:, None]
     safe = targets.clamp(min=0)[:, None]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     loss = ((lse - logits.gather(1, safe)) * valid).sum()
-    # the one-hot as a comparison, not a scatter into the softmax: all of it is elementwise, so
-    # compiled it is one pass that writes the gradient in `dtype` and nothing in float32 (in
-    # place, for the eager run: fewer chunk-sized temporaries)
+    # the one-hot as a comparison, not a scatter into the softmax: all of it is elementwise, and
+    # compiled, the chunk's float32 buffers at the memory peak went from two to one (Llama-3.2-1B:
+    # 0.49 GiB less). In place, for the eager run: fewer chunk-sized temporaries.
     onehot = torch.arange(logits.shape[1], device=logits.device) == safe
     grad = (logits - lse).exp_().sub_(onehot.float()).mul_(valid)
     return loss, grad.to(dtype)
