@@ -19,18 +19,24 @@ def test_rounding_is_unbiased_and_goes_only_to_the_two_neighbours():
     assert not torch.equal(round_to_bf16(x, torch.tensor(3)), round_to_bf16(x, torch.tensor(4)))
 
 
-def regression(optimizer_class, steps, start=None, **kw):
-    """A small least-squares fit, `steps` AdamW steps (weight decay on): (weight, optimizer)."""
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(64, 32) if start is None else start.clone())
-    target = torch.randn(16, 32)
-    optimizer = optimizer_class([w], lr=1e-2, weight_decay=0.1, **kw)
-    for i in range(steps):
+TARGET = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+
+
+def fit(w, optimizer, steps, first=0):
+    """AdamW steps first..first+steps-1 of a small least-squares fit (each step its own batch)."""
+    for i in range(first, first + steps):
         x = torch.randn(16, 64, generator=torch.Generator().manual_seed(i))
-        ((x @ w - target) ** 2).mean().backward()
+        ((x @ w - TARGET) ** 2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    return w.detach(), optimizer
+    return w.detach()
+
+
+def regression(optimizer_class, steps):
+    """`steps` steps from the same start, weight decay on: (weight, optimizer)."""
+    w = torch.nn.Parameter(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)))
+    optimizer = optimizer_class([w], lr=1e-2, weight_decay=0.1)
+    return fit(w, optimizer, steps), optimizer
 
 
 def test_the_update_is_adamws():
@@ -46,17 +52,8 @@ def test_the_update_is_adamws():
 def test_state_dict_round_trip_keeps_bf16_and_continues_exactly():
     straight, _ = regression(AdamWBf16State, 20)
     halfway, optimizer = regression(AdamWBf16State, 10)
-    saved = optimizer.state_dict()
     w = torch.nn.Parameter(halfway.clone())
     resumed = AdamWBf16State([w], lr=1e-2, weight_decay=0.1)
-    resumed.load_state_dict(saved)
+    resumed.load_state_dict(optimizer.state_dict())
     assert resumed.state[w]["exp_avg_sq"].dtype == torch.bfloat16
-    torch.manual_seed(0)
-    torch.randn(64, 32)
-    target = torch.randn(16, 32)
-    for i in range(10, 20):
-        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(i))
-        ((x @ w - target) ** 2).mean().backward()
-        resumed.step()
-        resumed.zero_grad()
-    assert torch.equal(w.detach(), straight)
+    assert torch.equal(fit(w, resumed, 10, first=10), straight)
