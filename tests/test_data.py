@@ -1,5 +1,5 @@
 """records.py, data.py and batching.py: records, templates, the loss mask, batches. Real
-tokenizers and data from ../shared."""
+tokenizers and data from tests/fixtures."""
 import doctest
 import json
 import re
@@ -38,12 +38,15 @@ def split(ids, labels):
 def test_the_worked_example_at_the_top_of_data_py_is_real(monkeypatch):
     """encode_example's docstring shows one Alpaca record's real ids and labels: run it, so that
     the lesson a reader meets first can never drift from the code."""
-    shared_path("models", "llama2-tokenizer", "tokenizer.model")
-    monkeypatch.chdir(ROOT)  # the example names the tokenizer as ../shared/... from the repository
+    tokenizer = shared_path("models", "llama2-tokenizer", "tokenizer.model")
+    monkeypatch.chdir(ROOT)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     report = []
     attempted = 0
     for test in doctest.DocTestFinder().find(data):
+        for example in test.examples:  # the example names ../shared's copy of the tokenizer
+            example.source = example.source.replace(
+                "../shared/models/llama2-tokenizer/tokenizer.model", str(tokenizer))
         failed, tried = runner.run(test, out=report.append)
         assert failed == 0, "".join(report)
         attempted += tried
@@ -109,7 +112,7 @@ def test_targets_decode_to_the_answer_and_prompt_to_the_prompt(template, tokeniz
 
 
 def test_encode_prompt_of_a_string_is_the_generation_prompt(llama2, llama3):
-    # the Llama-3 generation prompt in shared/models/README.md, computed there from Meta's format
+    # the Llama-3 generation prompt in tests/fixtures/README.md, computed from Meta's format
     assert encode_prompt("Hello world", llama3, TEMPLATES["llama3-chat"]) == \
         [128000, 128006, 882, 128007, 271, 9906, 1917, 128009, 128006, 78191, 128007, 271]
     assert encode_prompt("Hello world", llama2, TEMPLATES["none"]) == [1, 15043, 3186]
@@ -247,7 +250,7 @@ def test_chatml_equals_smollm2s_chat_template(smollm2):
     generation prompt, token for token."""
     chatml = TEMPLATES["chatml"]
     records = load_records(shared_path("data", "alpaca_data_1k.json"))
-    lima = [r for r in load_records(shared_path("data", "llamafactory_lima.json"))
+    lima = [r for r in load_records(shared_path("data", "llamafactory_lima_50.json"))
             if len(r["turns"]) > 1]
     records += [{**records[0], "system": ""},
                 {**records[1], "system": "Answer like a pirate."}] + lima[:5]
@@ -303,11 +306,12 @@ def test_llama2_chat_matches_meta_reference(llama2):
 
 
 def test_multi_turn_history_trains_every_answer(llama2):
-    records = load_records(shared_path("data", "llamafactory_lima.json"))
+    """LIMA's first 21 conversations (single-turn: "history": []) and its 29 multi-turn ones."""
+    records = load_records(shared_path("data", "llamafactory_lima_50.json"))
     multi = [r for r in records if len(r["turns"]) > 1]
-    assert len(records) == 1029 and len(multi) == 29
+    assert len(records) == 50 and len(multi) == 29 and records[-29:] == multi
     record = min(multi, key=lambda r: sum(len(t["output"]) for t in r["turns"]))
-    raw = json.loads(shared_path("data", "llamafactory_lima.json").read_text())[
+    raw = json.loads(shared_path("data", "llamafactory_lima_50.json").read_text())[
         records.index(record)]
     assert [t["output"] for t in record["turns"]] == \
         [a for _, a in raw["history"]] + [raw["output"]]
@@ -376,14 +380,14 @@ def test_first_label_is_never_a_target(template, llama3):
 
 
 def naive_lengths(records, tokenizer):
-    """How shared/data/README.md counted: encode(prompt) and encode(output) separately."""
+    """How tests/fixtures/README.md counted: encode(prompt) and encode(output) separately."""
     return list(len(tokenizer.encode(PROMPT_DICT["prompt_input" if r["input"]
                                                  else "prompt_no_input"].format(**r), bos=True))
                 + len(tokenizer.encode(r["output"], eos=True)) for r in records)
 
 
 def test_alpaca_statistics_match_the_hand_counts(llama2):
-    """shared/data/README.md: alpaca_data_1k min 47, median 115, p95 244, max 559, 2 over 512;
+    """tests/fixtures/README.md: alpaca_data_1k min 47, median 115, p95 244, max 559, 2 over 512;
     litgpt fixture min 51, median 119, p95 364, max 406. Its p95 is numpy's interpolated value
     rounded down. Its counts tokenize prompt and output separately, which puts a "▁" in front of
     every output (see the naive test above): that reproduces the table exactly. Our exact

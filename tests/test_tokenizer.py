@@ -1,5 +1,5 @@
 """The real Llama-2, Llama-3 and stories260K tokenizer files against the reference encodings of
-shared/models/README.md, plus the byte tokenizer and bad files. (Byte-level BPE: test_bpe.py.)"""
+tests/fixtures/README.md, plus the byte tokenizer and bad files. (Byte-level BPE: test_bpe.py.)"""
 import shutil
 
 import pytest
