@@ -70,8 +70,8 @@ class TrainConfig:
     world_size: int = 1            # processes under torchrun
 
 
-# The demo trains a small random model from scratch on examples/alpaca_demo.json in about a minute
-# on a laptop CPU: it shows the whole pipeline, not a useful model.
+# The demo trains a small random model from scratch on examples/alpaca_demo.json (README: Two
+# commands): it shows the whole pipeline, not a useful model.
 DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's

@@ -31,7 +31,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
 from generate import generate
-from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
+from adapter import save_adapter
+from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
@@ -321,6 +322,9 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
         export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
         print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
         if config.merge:
+            if config.method == "qlora":  # 4-bit weights cannot hold W + ΔW: 16-bit ones first
+                from quant import dequantize_model
+                dequantize_model(model)
             merge_lora(model)
     if config.method == "full" or config.merge:
         save_checkpoint(model, out / "model")

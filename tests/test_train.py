@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate
-from lora import load_adapter
+from adapter import load_adapter
 from model import ModelConfig, Transformer
 from tokenizer import ByteTokenizer
 
