@@ -70,10 +70,11 @@ class TrainConfig:
     world_size: int = 1            # processes under torchrun
 
 
-# The demo trains a small random model from scratch on examples/alpaca_demo.json in about a minute
-# on a laptop CPU: it shows the whole pipeline, not a useful model.
+# The demo trains a small random model from scratch on examples/alpaca_demo.json (README: Two
+# commands): it shows the whole pipeline, not a useful model.
 DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
-            batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100)
+            batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
+            loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
@@ -141,7 +142,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
-      help="positions per chunk of the output-head loss (0 = all at once)")
+      help="positions per chunk of the output-head loss; 0 = model.py's plain loss, all at "
+      "once. Chunking (speed/fused_loss.py) gives the same loss without the batch·seq × vocab "
+      "float32 logits: it pays for large vocabularies (Llama-3, 8×2048: 8 GiB)")
     a("--packing", action="store_true", help="pack several examples per row instead of padding")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--merge", action="store_true", help="at the end also write the merged model (ours and HF's)")

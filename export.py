@@ -86,7 +86,8 @@ def export_hf(model: nn.Module, directory, tokenizer=None, tokenizer_dir=None, d
             tokenizer_files = [source]
         else:
             tokenizer_files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-    merge_lora(model)
+    from quant import dequantize_model  # (QLoRA: 4-bit weights cannot hold W + ΔW)
+    merge_lora(dequantize_model(model))
     save_hf_checkpoint(model, directory, dtype=dtype)
     for f in tokenizer_files:
         atomic_write(Path(directory) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))

@@ -3,8 +3,8 @@
 The model's own loss (model.Transformer.loss) computes the logits of every position, (batch·seq ×
 vocab) numbers, then their cross-entropy. For a 128k vocabulary at batch 8 × 2048 the float32
 logits alone are 8 GiB, and autograd keeps them (and their gradient) for the backward pass.
-`chunked_cross_entropy` gives the same sum and the same gradients, a chunk of positions at a time,
-and never keeps a chunk's logits. `compile_for_training` hands the blocks and the chunk loss to
+`chunked_loss` gives the same sum and the same gradients, a chunk of positions at a time, and
+never keeps a chunk's logits; the training step picks it (train_sft.py: batch_loss). `compile_for_training` hands the blocks and the chunk loss to
 torch.compile, which fuses their elementwise work into fewer kernels.
 """
 import functools
@@ -12,7 +12,16 @@ import functools
 import torch
 from torch._functorch import config as partitioner_config
 
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, next_token_targets
+
+
+def chunked_loss(model, tokens, labels, positions=None, doc_ids=None, chunk_size: int = 1024):
+    """model.loss(tokens, labels, ...) computed chunk_size positions at a time: the same sum and
+    the same gradients. Only for a plain nn.Linear head (a head with a LoRA adapter takes
+    model.loss)."""
+    h = model.hidden_states(tokens, positions, doc_ids)
+    return chunked_cross_entropy(h, model.lm_head.weight, next_token_targets(labels), chunk_size,
+                                 model.compiled)
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_size: int, compiled: bool = False):

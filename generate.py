@@ -150,7 +150,7 @@ def main(argv=None):
     model, _ = load_checkpoint(checkpoint, device=args.device, dtype=PRECISIONS[precision])
     check_vocabulary(tokenizer, model.config.vocab_size)
     if adapter:
-        from lora import load_adapter
+        from adapter import load_adapter
         load_adapter(model, adapter)
     prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))
     if not prompt_ids:

@@ -25,20 +25,18 @@ length as a vector m (out,) and the direction with LoRA:
 
     W' = m · (W + s·B A) / ‖W + s·B A‖_row        (the norm is treated as a constant, §4.3)
 
-Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py). export.py writes an adapter in
-Hugging Face PEFT's names and row order, and a merged transformers checkpoint.
+Names: our modules are `layers.{i}.attn.q_proj` etc. (model.py). adapter.py saves and loads the
+adapter's files; export.py writes it in Hugging Face PEFT's names and row order, and a merged
+transformers checkpoint.
 """
-import json
 import math
 from collections import Counter
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import save_safetensors, write_json
 from errors import UserError
 from projections import PROJECTIONS, is_target, replace_module
 
@@ -277,10 +275,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     lm_head with an adapter gets its own merged matrix (the embedding must not change), so the
     merged model is untied, and model.config is replaced by one that says so.
     """
-    # QLoRA: a 4-bit NF4 weight cannot hold W + ΔW, so every NF4 layer becomes a 16-bit
-    # nn.Linear first (nothing to do for a LoRA model). The one step here that knows NF4.
-    from quant import dequantize_model
-    dequantize_model(model)
+    # (QLoRA: a 4-bit NF4 weight cannot hold W + ΔW; the caller makes every NF4 layer a 16-bit
+    # nn.Linear first, with quant.dequantize_model)
     for name, layer in lora_layers(model).items():
         layer.merge()
         replace_module(model, name, layer.base)
@@ -292,15 +288,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------- adapter files
-
-ADAPTER_TENSORS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# the fields of a model's config that an adapter's tensor shapes depend on
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden",
-                "vocab_size")
-
-
 def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter tensors, under our names: 'layers.0.attn.q_proj.lora_A', ...lora_B,
     ...magnitude."""
@@ -308,63 +295,3 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {f"{name}.{p_name}": p.detach()
             for name, layer in lora_layers(model).items()
             for p_name, p in layer.named_parameters(recurse=False)}
-
-
-def save_adapter(model: nn.Module, directory, base_id: dict | None = None):
-    """adapter.safetensors (the LoRA tensors) + adapter_config.json (hyperparameters and the base
-    model's config, so `load_adapter` can refuse a base of another shape). base_id: optional
-    description of the base checkpoint (path, name, ...) stored alongside."""
-    directory = Path(directory)
-    config = {**lora_settings(model), "base": asdict(model.config)}
-    if base_id:
-        config["base_id"] = base_id
-    save_safetensors(lora_state_dict(model), directory / ADAPTER_TENSORS, metadata={"format": "pt"})
-    # written last: its presence means the save finished
-    write_json(directory / ADAPTER_CONFIG, config)
-
-
-def _shape(config: dict) -> str:
-    return " ".join(f"{k}={config.get(k)}" for k in SHAPE_FIELDS)
-
-
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Apply the adapter saved in `directory` to a base model (in place) and load its tensors."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"adapter directory not found: {directory}")
-    for file in (ADAPTER_CONFIG, ADAPTER_TENSORS):
-        if not (directory / file).is_file():
-            raise UserError(f"{directory}: no {file} (an adapter directory is written by "
-                            "save_adapter / train_sft.py)")
-    try:
-        config = json.loads((directory / ADAPTER_CONFIG).read_text())
-        base = config["base"]
-        settings = {k: config[k] for k in ("r", "alpha", "dropout", "rslora", "dora")}
-        targets = config["targets"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{directory / ADAPTER_CONFIG}: not an adapter config "
-                        f"({type(e).__name__}: {e})") from None
-    mine = asdict(model.config)
-    if any(base.get(k) != mine[k] for k in SHAPE_FIELDS):
-        raise UserError(f"{directory}: the adapter was trained on a base model of shape "
-                        f"{_shape(base)}, but this model is {_shape(mine)}")
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(directory / ADAPTER_TENSORS)
-    except Exception as e:  # safetensors raises its own error types
-        raise UserError(f"{directory / ADAPTER_TENSORS}: not a readable safetensors file "
-                        f"({e})") from None
-    apply_lora(model, targets, **settings)
-    expected = lora_state_dict(model)
-    if set(tensors) != set(expected):
-        diff = sorted(set(tensors) ^ set(expected))
-        raise UserError(f"{directory}: adapter tensors do not match its config "
-                        f"({len(diff)} differ, e.g. {diff[0]})")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            p = model.get_parameter(name)
-            if p.shape != t.shape:
-                raise UserError(f"{directory}: tensor {name} has shape {tuple(t.shape)}, "
-                                f"expected {tuple(p.shape)}")
-            p.copy_(t)
-    return model

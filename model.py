@@ -33,6 +33,13 @@ def default_precision(device: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position is trained to predict. `labels` line up with the tokens (Hugging
+    Face's convention), and position t predicts token t+1, so the targets are the labels shifted
+    left by one; the last position predicts nothing. The one place the shift is written."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 # The sizes of a ModelConfig: each must be a whole number >= 1.
 SIZE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
                "max_seq_len")
@@ -309,24 +316,16 @@ class Transformer(nn.Module):
         """Logits (batch, seq, vocab) for every position."""
         return self.lm_head(self.hidden_states(tokens, positions, doc_ids, cache))
 
-    def loss(self, tokens, labels, positions=None, doc_ids=None, chunk_size: int = 0):
+    def loss(self, tokens, labels, positions=None, doc_ids=None):
         """Sum of next-token cross-entropies over target tokens (labels != IGNORE_INDEX).
 
-        `labels` line up with `tokens` (Hugging Face's convention): position t is trained to
-        predict labels[t+1], so the shift happens here, once. It returns the *sum*, not the
-        mean: the training loop divides by the number of target tokens of the whole accumulated
-        batch (see train_sft.py).
-
-        chunk_size > 0 computes the same value without ever holding the (batch·seq × vocab)
-        logits: fused_loss.py, what --loss-chunk uses. (An output head with a LoRA adapter
-        takes the plain path.)
+        It returns the *sum*, not the mean: the training loop divides by the number of target
+        tokens of the whole accumulated batch (train_sft.py: train_step). The same sum without
+        ever holding the (batch·seq × vocab) logits is speed/fused_loss.py's chunked_loss, which
+        the training step picks for large vocabularies (--loss-chunk).
         """
         h = self.hidden_states(tokens, positions, doc_ids)
-        # position t predicts labels[t+1]; the last position predicts nothing
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        if chunk_size > 0 and type(self.lm_head) is nn.Linear:
-            from fused_loss import chunked_cross_entropy  # (beside the model: the fast path)
-            return chunked_cross_entropy(h, self.lm_head.weight, targets, chunk_size, self.compiled)
         logits = self.lm_head(h).float()  # (batch, seq, vocab), in float32 for an exact softmax
+        targets = next_token_targets(labels)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")

@@ -307,7 +307,7 @@ def embedding_to_host(model: nn.Module):
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every NF4Linear (also the `base` inside a LoRALinear) by a plain nn.Linear, in place.
 
-    For export: lora.merge_lora calls it before it folds the adapters in as usual,
+    Before lora.merge_lora (export, --merge), which then folds the adapters in as usual:
     W' = deq(W) + s·B A."""
     quantized = [name for name, m in model.named_modules() if isinstance(m, NF4Linear)]
     for name in quantized:

@@ -31,9 +31,10 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
 from generate import generate
-from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_adapter
+from adapter import save_adapter
+from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
-from model import IGNORE_INDEX, PRECISIONS, Transformer
+from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
 from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out,
                      record_effective, save_state)
@@ -158,12 +159,15 @@ def batch_loss(model, batch, device, precision, loss_chunk=0):
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=PRECISIONS[precision],
                               enabled=precision != "fp32")  # fp32: no autocast, all in float32
     with autocast:
-        return model.loss(inputs["tokens"], inputs["labels"], inputs["positions"],
-                          inputs["doc_ids"], chunk_size=loss_chunk)
+        if loss_chunk > 0 and type(model.lm_head) is torch.nn.Linear:
+            # the same sum without the (batch·seq × vocab) logits: speed/fused_loss.py
+            from fused_loss import chunked_loss
+            return chunked_loss(model, **inputs, chunk_size=loss_chunk)
+        return model.loss(**inputs)
 
 
 def count_targets(batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t+1]
+    return int((next_token_targets(batch["labels"]) != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -318,6 +322,9 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
         export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
         print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
         if config.merge:
+            if config.method == "qlora":  # 4-bit weights cannot hold W + ΔW: 16-bit ones first
+                from quant import dequantize_model
+                dequantize_model(model)
             merge_lora(model)
     if config.method == "full" or config.merge:
         save_checkpoint(model, out / "model")

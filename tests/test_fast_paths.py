@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from fused_loss import compile_for_training
+from fused_loss import chunked_loss, compile_for_training
 from model import IGNORE_INDEX, ModelConfig, Transformer
 
 
@@ -25,8 +25,9 @@ def batch(seed=1, B=2, S=48):
 
 
 def loss_and_grad(model, tokens, labels, **kw):
+    """The plain loss, or with chunk_size= the chunked one (as train_sft.batch_loss picks)."""
     model.zero_grad()
-    loss = model.loss(tokens, labels, **kw)
+    loss = chunked_loss(model, tokens, labels, **kw) if kw else model.loss(tokens, labels)
     loss.backward()
     return loss.item(), model.layers[0].attn.q_proj.weight.grad.clone()
 
@@ -61,8 +62,8 @@ def test_packed_rows_give_the_loss_of_separate_rows():
     positions = torch.cat([torch.arange(20), torch.arange(28)])[None]
     with torch.no_grad():
         separate = model.loss(a, la) + model.loss(b, lb)
-        together = model.loss(packed, packed_labels, positions=positions, doc_ids=doc_ids,
-                              chunk_size=16)
+        together = chunked_loss(model, packed, packed_labels, positions=positions,
+                                doc_ids=doc_ids, chunk_size=16)
     # labels[0] of each example is IGNORE_INDEX (data.py guarantees it): nothing crosses the
     # boundary
     assert abs(together.item() - separate.item()) <= 1e-5 * separate.item()
@@ -76,7 +77,8 @@ def test_chunked_loss_gives_the_output_head_gradient_float32_and_bf16_weights():
 
     def head_grad(model, **kw):
         model.zero_grad()
-        (model.loss(tokens, labels, **kw) / 70).backward()
+        loss = chunked_loss(model, tokens, labels, **kw) if kw else model.loss(tokens, labels)
+        (loss / 70).backward()
         return model.lm_head.weight.grad.float()
 
     model = tiny_model()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
+from fused_loss import chunked_loss
 from model import (IGNORE_INDEX, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
                    rope_angles, rope_frequencies)
 
@@ -248,9 +249,13 @@ def test_loss_is_shifted_sum_of_cross_entropy():
     assert n_targets == 30 - 4 - 3 and 1.0 < got.item() / n_targets < 50  # a sum, not a mean
 
 
-def _loss_and_grads(model, x, labels, **kw):
+def _loss_and_grads(model, x, labels, chunk_size=0, **kw):
+    """The plain loss, or with chunk_size > 0 the chunked one (as train_sft.batch_loss picks)."""
     model.zero_grad()
-    loss = model.loss(x, labels, **kw)
+    if chunk_size:
+        loss = chunked_loss(model, x, labels, chunk_size=chunk_size, **kw)
+    else:
+        loss = model.loss(x, labels, **kw)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -28,6 +28,7 @@ import lora
 import resume
 import run_dir
 import train_sft
+from adapter import save_adapter
 from checkpoint import atomic_write
 from conftest import ROOT, shared_path
 from errors import UserError, run_cli
@@ -387,7 +388,7 @@ def test_disk_full_while_writing_the_adapter_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     adapter = tmp_path / "adapter"
     with pytest.raises(UserError) as info:
-        lora.save_adapter(model, adapter)
+        save_adapter(model, adapter)
     assert str(info.value) == (f"no space left on device while writing "
                                f"{adapter / 'adapter.safetensors'}; nothing was written")
     assert os.listdir(adapter) == []

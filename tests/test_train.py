@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate
-from lora import load_adapter
+from adapter import load_adapter
 from model import ModelConfig, Transformer
 from tokenizer import ByteTokenizer
 
@@ -224,7 +224,7 @@ def test_grad_accumulation_equals_one_big_batch(loss_chunk):
     # The tempting alternative, a mean per micro-batch (then averaged), is NOT the same gradient.
     model = fresh_model()
     for b in four:
-        (model.loss(b["tokens"], b["labels"], chunk_size=loss_chunk) / train_sft.count_targets(b)
+        (train_sft.batch_loss(model, b, "cpu", "fp32", loss_chunk) / train_sft.count_targets(b)
          / len(four)).backward()
     per_micro = flat({n: p.grad for n, p in model.named_parameters()})
     assert (per_micro - flat(g_1)).norm() > 1e-2 * flat(g_1).norm()
