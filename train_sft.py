@@ -1,7 +1,8 @@
 """Supervised fine-tuning of a LLaMA-family model, in one loop you can read.
 
     python train_sft.py                                       # the demo: a tiny model, no downloads
-    python train_sft.py --checkpoint DIR --data alpaca.json   # the real thing (LoRA by default)
+    python train_sft.py --data alpaca.json                    # LoRA on SmolLM2-135M-Instruct
+    python train_sft.py --checkpoint DIR --data alpaca.json   # LoRA on your model
     torchrun --nproc_per_node=2 train_sft.py ...              # the same on 2 GPUs (distributed.py)
 
 One optimizer step:
@@ -221,6 +222,10 @@ def build_model(config: TrainConfig, log):
             from quant import quantize_model
             quantize_model(model, compute_dtype=base_dtype)
     else:
+        from default_model import default_note
+        note = default_note(config.checkpoint)  # None unless --checkpoint was left out
+        if note:
+            log.say(note)
         tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)  # cheap, so first
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
