@@ -49,7 +49,7 @@ def main(argv=None):
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
-    stop_on_sigterm()
+    STOP.listen()
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, log)
     given = config
@@ -88,6 +88,8 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
         log.evaluation(0, *validation.run(model, config), out)
     log.start(total, step)
     model.train()
+    STOP.at_step_end = True
+    saved = None  # the step of the last save, so that a signal right after it does not save again
     try:
         while step < total:
             lr = lr_at(step, config.lr, config.warmup_steps, total)
@@ -113,14 +115,20 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
                       "peak_mem_gib": peak_gib(config)}, out)
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 save_state(out, model, optimizer, scaler, step, dist)
+                saved = step
             if validation and (step % config.eval_every == 0 or step == total):
                 log.evaluation(step, *validation.run(model, config), out)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (stop_on_sigterm): save, say how to go on
+            if STOP.requested_by_any(dist):  # a signal came during this step, now whole
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (StopSignals): save, say how to go on
         log.close()
-        save_state(out, model, optimizer, scaler, step, dist)
+        if saved != step:
+            save_state(out, model, optimizer, scaler, step, dist)
         print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the "
               "same command plus --resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        STOP.at_step_end = False  # from here on a signal stops at once
     log.close()
 
 
@@ -341,11 +349,39 @@ def start_distributed():
     return Distributed()
 
 
-def stop_on_sigterm():
-    """SIGTERM (`kill`, a cluster job's time limit) stops the run like Ctrl-C: save, then exit."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster job's time limit) stop the run. While the
+    loop trains (at_step_end), a signal only asks: the loop finishes the step in progress, saves it
+    and exits. Stopping in the middle of a step would save the random state after the step had
+    drawn some of its dropout masks (or weights that AdamW had half updated), and --resume would
+    not redo that step as an uninterrupted run does. Elsewhere (loading, writing the results) a
+    signal stops at once. A second signal is ignored: the first is being handled (raising again
+    in the middle of the save, or in Python's exit handlers, would print a traceback)."""
+
+    def __init__(self):
+        self.requested = False
+        self.at_step_end = False
+
+    def listen(self):
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            return
+        self.requested = True
+        if not self.at_step_end:
+            raise KeyboardInterrupt
+
+    def requested_by_any(self, dist=None) -> bool:
+        """Under torchrun every rank stops at the same step, whichever got the signal first."""
+        if dist:
+            return dist.mean(float(self.requested)) > 0
+        return self.requested
+
+
+STOP = StopSignals()
 
 
 def nan_message(loss, grad_norm, step, config, out) -> str:
@@ -376,6 +412,8 @@ class Log:
     def start(self, total: int, done: int):
         self.total = total
         self.every = max(1, total // 20)
+        if done:  # (on a terminal the progress bar starts there too; in a log file, only this)
+            self.say(f"resuming from step {done} of {total}")
         if self.speaks and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
 

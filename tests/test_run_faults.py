@@ -1,0 +1,210 @@
+"""Faults around a run, as a user meets them: signals, a diverged run, hand-edited files, failed
+writes, a start that fails.
+
+1. Ctrl-C (SIGINT) and SIGTERM at any moment of a step, with LoRA dropout on: --resume is bit for
+   bit the uninterrupted run. A second signal is harmless.
+2. --resume may change the learning rate, its schedule, the run's length and the cadences (one
+   note; config.json keeps the history); never what makes the checkpoint meaningless.
+3. A hand-edited checkpoint.pt, config.json or metrics.jsonl: one line naming it.
+4. Write errors (a full disk, a read-only directory, a name too long, a symlink loop): one line,
+   nothing already written lost.
+5. A start that fails before its first step leaves nothing behind that it created.
+
+In-process runs use the demo at a tiny size (a second or two each); the random-moment signal
+tests run train_sft.py as a subprocess, as a user would, and are sampled to keep the suite fast.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft
+from conftest import ROOT
+from errors import run_cli
+from test_faults import has_rows, run, train_argv
+
+DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory) -> Path:
+    """8 short demo records, in a folder of their own (never inside an --out)."""
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(DEMO_RECORDS[:8]))
+    return path
+
+
+def lora_argv(train, out, *extra) -> list[str]:
+    """The demo model with LoRA (dropout 0.05, the default), 4 steps of 2 examples."""
+    argv = ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
+            "--val-split", 0, "--warmup-steps", 1, "--max-steps", 4, "--save-every", 100,
+            "--method", "lora", *extra]
+    return [str(a) for a in argv]
+
+
+def cli(argv, capsys):
+    """train_sft.main as the command line runs it: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_cli(train_sft.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *expected):
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for text in expected:
+        assert text in err, err
+
+
+def saved_state(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path):
+    one, other = saved_state(a), saved_state(b)
+    assert one["step"] == other["step"]
+    assert one["model"].keys() == other["model"].keys()
+    for name in one["model"]:
+        assert torch.equal(one["model"][name], other["model"][name]), name
+
+
+def metrics_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(train, tmp_path_factory) -> Path:
+    """The uninterrupted LoRA run that the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    train_sft.main(lora_argv(train, out))
+    return out
+
+
+# ---------------------------------------------------------------- 1. signals
+
+def signal_during(monkeypatch, where: str, signum, call: int):
+    """Send `signum` to this process from inside the call-th forward pass (after it has drawn
+    its dropout masks) or the call-th AdamW update (after it has changed the weights)."""
+    calls = []
+
+    def then_signal(result):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return result
+    if where == "forward":
+        real_loss = train_sft.batch_loss
+        monkeypatch.setattr(train_sft, "batch_loss",
+                            lambda *args, **kwargs: then_signal(real_loss(*args, **kwargs)))
+    else:
+        real_make = train_sft.make_optimizer
+
+        def make_optimizer(*args, **kwargs):
+            optimizer = real_make(*args, **kwargs)
+            real_step = optimizer.step
+            optimizer.step = lambda: then_signal(real_step())
+            return optimizer
+        monkeypatch.setattr(train_sft, "make_optimizer", make_optimizer)
+
+
+@pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "forward"), (signal.SIGINT, "update")])
+def test_a_signal_in_the_middle_of_a_step_then_resume_is_exact(train, tmp_path, straight,
+                                                               monkeypatch, capsys, signum,
+                                                               where):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        signal_during(m, where, signum, call=2)
+        code, _, err = cli(lora_argv(train, out), capsys)
+    assert code == 130, err
+    assert f"interrupted: saved step 2 to {out / 'checkpoint.pt'}" in err  # the step it was in
+    assert not (out / "adapter").exists()
+    code, stdout, err = cli(lora_argv(train, out, "--resume"), capsys)
+    assert code == 0, err
+    assert "resuming from step 2 of 4" in stdout  # (not a terminal: no progress bar shows it)
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    assert_same_weights(out, straight)
+
+
+def signal_when(argv, ready, signals, timeout=120.0):
+    """Start argv, poll `ready()` every millisecond, then send each of `signals` (a pause
+    between them). (returncode, stderr), or None if the run ended before it was ready."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.001)
+    if proc.poll() is not None:
+        proc.communicate()
+        return None
+    for signum, pause in signals:
+        proc.send_signal(signum)
+        time.sleep(pause)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_signals_at_random_moments_then_resume_is_exact(tmp_path):
+    """SIGTERM, then Ctrl-C (SIGINT), each at a random moment of a LoRA run with dropout, each
+    followed by --resume: the adapter is bit for bit the uninterrupted run's. SIGTERM comes twice
+    in a row: the second one is harmless (no traceback, the same exit)."""
+    rng = random.Random(19)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(DEMO_RECORDS[:8]))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    lora = ["--method", "lora"]
+    done = run(train_argv(data, straight) + lora)
+    assert done.returncode == 0, done.stderr
+    argv = train_argv(data, stopped) + lora
+    moments = [(signal.SIGTERM, rng.randint(1, 3), [0.002, 0]),
+               (signal.SIGINT, rng.randint(5, 7), [0])]
+    stops = []
+    for signum, row, pauses in moments:
+        delay = rng.uniform(0, 0.05)  # within a step or a save, wherever it falls
+        result = signal_when(argv, lambda: has_rows(stopped, row) and time.sleep(delay) is None,
+                             [(signum, pause) for pause in pauses])
+        if result is not None:
+            code, err = result
+            stops.append(signum)
+            assert code == 130, err
+            assert "Traceback" not in err and "interrupted: saved step" in err, err
+        argv = train_argv(data, stopped) + lora + ["--resume"]
+    assert len(stops) >= 2, stops
+    done = run(argv)
+    assert done.returncode == 0, done.stderr
+    assert metrics_steps(stopped) == list(range(1, 9))
+    assert_same_weights(stopped, straight)
+    adapter = "adapter/adapter.safetensors"
+    assert (straight / adapter).read_bytes() == (stopped / adapter).read_bytes()
+
+
+def test_a_second_signal_while_loading_is_harmless(train, tmp_path, monkeypatch, capsys):
+    """Outside the loop a signal stops at once; a second one (a user pressing Ctrl-C twice, a
+    cluster sending SIGTERM again) does not break the exit."""
+    out = tmp_path / "out"
+
+    def build_model(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the first signal stops the run here")
+    monkeypatch.setattr(train_sft, "build_model", build_model)
+    real_exit = sys.exit
+
+    def exit_with_a_second_signal(code):  # the second arrives while the process exits
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_exit(code)
+    monkeypatch.setattr(sys, "exit", exit_with_a_second_signal)
+    code, _, err = cli(lora_argv(train, out), capsys)
+    assert (code, err) == (130, "interrupted\n")
