@@ -29,7 +29,8 @@ import torch
 
 from checkpoint import atomic_write, write_json
 from errors import UserError
-from resume import INPUTS, check_resume, damaged, describe_inputs, settings_of
+from resume import (INPUTS, check_resume, damaged, describe_inputs, going_on_note,
+                    settings_of)
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
 CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"
@@ -79,12 +80,62 @@ def existing_run(out: Path) -> dict | None:
                 raise UserError(f"{out / CONFIG} is damaged (not readable JSON: {e}); restore it "
                                 "(it holds the run's settings), or choose another --out") from None
             config = None
-        if _is_run_config(config):
+        ours = CHECKPOINT in names or METRICS in names
+        if _is_run_config(config) or (ours and isinstance(config, dict)):
+            problem = _config_problem(config)
+            if problem:
+                raise UserError(f"{out / CONFIG} is damaged ({problem}); restore it (it holds the "
+                                "run's settings), or choose another --out")
             return config
+        if ours:  # our run, its config.json overwritten by something else
+            raise UserError(f"{out / CONFIG} is damaged (a JSON {_json_kind(config)}, not a run's "
+                            "settings); restore it (it holds the run's settings), or choose "
+                            "another --out")
+    if text is not None:  # say what the config.json is that is not ours
+        names[names.index(CONFIG)] = f"{CONFIG}: {_not_ours(text)}"
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     raise UserError(f"--out {out} holds files this project did not write ({shown}); a run writes "
                     "only into a new or empty directory, or into its own run directory: choose "
                     "another --out")
+
+
+def _not_ours(text: str) -> str:
+    """Why a config.json is not a run's of this project, in a few words."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if isinstance(config, dict):
+        return "not a run's settings"
+    return f"a JSON {_json_kind(config)}, not a run's settings"
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _config_problem(config: dict) -> str | None:
+    """What is wrong with the parts of a run's config.json that --resume reads as structures (a
+    hand edit, another program's file), or None. Other settings are only compared: a wrong value
+    there is named as a difference."""
+    if not _is_run_config(config):
+        return "not a run's settings: it lacks run_format"
+    inputs = config.get("inputs", {})
+    if not isinstance(inputs, dict):
+        return f"its inputs are a JSON {_json_kind(inputs)}, not an object"
+    for name, described in inputs.items():
+        if described is None:
+            continue
+        if not isinstance(described, dict) or not isinstance(described.get("path"), str):
+            return f"its inputs.{name} is not an object with a path"
+        if "sha256" in described and not (isinstance(described["sha256"], str)
+                                          and type(described.get("bytes")) is int):
+            return f"its inputs.{name} has no size and sha256 as train_sft.py writes them"
+    for key, kind in (("history", list), ("effective", dict), ("lora", dict)):
+        if key in config and not isinstance(config[key], kind):
+            return f"its {key} is a JSON {_json_kind(config[key])}"
+    return None
 
 
 def _ours_to_ignore(name: str) -> bool:
@@ -178,8 +229,15 @@ def prepare_out(args, write=True) -> Path:
     if args.resume and old is None:
         raise UserError(f"--resume: {out} holds no run (no {CONFIG}); leave out --resume to start "
                         "one")
+    history = []  # what a resumed run changed, and from which step (see going_on_note)
     if args.resume and saved:
-        check_resume(out / CHECKPOINT, old, settings, inputs)
+        changes = check_resume(out / CHECKPOINT, old, settings, inputs)
+        step = read_state(out / CHECKPOINT, peek=True)["step"]  # (checked before the model loads)
+        history = old.get("history", [])
+        if changes:
+            if write:
+                print(going_on_note(changes, step))
+            history = history + [{"step": step, **changes}]
     elif saved:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
                         "another --out")
@@ -191,8 +249,12 @@ def prepare_out(args, write=True) -> Path:
             print(f"note: {out} holds a run that stopped before its first checkpoint; "
                   "starting it over")
         start_over(out, write)
+    if (out / METRICS).exists() and not (out / METRICS).is_file():
+        raise UserError(f"{out / METRICS} is not a file: a run writes its metrics there; move it "
+                        "away, or choose another --out")
     if write:
-        write_json(out / CONFIG, {**settings, "run_format": RUN_FORMAT, "inputs": inputs})
+        config = {**settings, "run_format": RUN_FORMAT, "inputs": inputs}
+        write_json(out / CONFIG, {**config, "history": history} if history else config)
     return out
 
 
@@ -233,15 +295,49 @@ def save_state(out: Path, model, optimizer, scaler, step, dist=None):
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def read_state(path: Path) -> dict:
-    """checkpoint.pt as save_state wrote it, or one line saying it is damaged."""
+def read_state(path: Path, peek=False) -> dict:
+    """checkpoint.pt as save_state wrote it, or one line saying it is damaged. peek: map the file
+    instead of reading it (a look at its step and structure before the model loads)."""
     try:  # weights_only: an untrusted file gets to hold tensors, not code
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
     except Exception as e:  # truncated, random bytes, not a checkpoint: torch raises many kinds
         raise UserError(damaged(path, f"{type(e).__name__}: {first_line(e)}")) from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= state.keys():
-        raise UserError(damaged(path, "not a training state written by train_sft.py"))
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(damaged(path, problem))
     return state
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with the structure of a training state (a hand edit, another program's
+    file), or None: checked before anything of it reaches the model, AdamW or the RNG."""
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= state.keys():
+        return "not a training state written by train_sft.py"
+    step = state["step"]
+    if type(step) is not int or step < 0:  # (a float or a negative step would skew the schedule)
+        return f"its step is {step!r}, not a whole number >= 0"
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor)
+                                                for t in weights.values()):
+        return "its model is not a set of named tensors"
+    if not isinstance(state["optimizer"], dict) or not isinstance(state.get("scaler") or {}, dict):
+        return "its optimizer state is not as torch writes it"
+    rng = state["rng"]
+    if not isinstance(rng, list) or not rng or not all(_is_rng_state(r) for r in rng):
+        return "its random states are not as torch writes them"
+    return None
+
+
+def _is_rng_state(saved) -> bool:
+    """A state as _rng_state returns it: torch's generator states are byte tensors of one size."""
+    def same_kind(tensor, like) -> bool:
+        return (isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+                and tensor.shape == like.shape)
+    if not isinstance(saved, dict) or not same_kind(saved.get("cpu"), torch.get_rng_state()):
+        return False
+    if "cuda" in saved and torch.cuda.is_available():
+        return same_kind(saved["cuda"], torch.cuda.get_rng_state())
+    return True
 
 
 def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
@@ -261,11 +357,14 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
         else:
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or groups of another model
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # another model's, or edited
         raise UserError(f"--resume: {path} does not fit this model ({first_line(e)})") from None
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][dist.rank if dist else 0]
+    rank = dist.rank if dist else 0
+    if rank >= len(state["rng"]):
+        raise UserError(damaged(path, f"it holds the random states of {len(state['rng'])} ranks"))
+    rng = state["rng"][rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -300,11 +399,19 @@ def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and "step" in row:
+        if _is_metrics_row(row):
             rows.append((line if line.endswith("\n") else line + "\n", row))
         else:
             unreadable.append(number)
     return rows, unreadable
+
+
+def _is_metrics_row(row) -> bool:
+    """A row as Log writes it: a step, and numbers for what plot_losses draws."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (isinstance(row, dict) and type(row.get("step")) is int
+            and all(number(row[key]) for key in ("loss", "val_loss") if key in row))
 
 
 def drop_metrics_after(out: Path, step: int):
@@ -317,7 +424,8 @@ def drop_metrics_after(out: Path, step: int):
     if unreadable:
         lines = "line" if len(unreadable) == 1 else "lines"
         print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
-              f"({lines} {', '.join(map(str, unreadable))}), left by a run killed while writing it")
+              f"({lines} {', '.join(map(str, unreadable))}): not rows of metrics (a run killed "
+              "while writing leaves a torn last line)")
     kept = "".join(line for line, row in rows if row["step"] <= step)
     atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
 

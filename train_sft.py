@@ -387,10 +387,12 @@ STOP = StopSignals()
 def nan_message(loss, grad_norm, step, config, out) -> str:
     what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     hint = "try --precision bf16 or fp32" if config.precision == "fp16" else "try a lower --lr"
-    if (out / "checkpoint.pt").exists():
+    if not (out / "checkpoint.pt").exists():
+        saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
+    elif config.precision == "fp16":  # (--precision cannot change on --resume)
         saved = f"The last good checkpoint is in {out}"
     else:
-        saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
+        saved = f"The last good checkpoint is in {out}: go on from it with --resume --lr LOWER"
     return (f"{what} at step {step + 1}; stopped before updating the weights ({hint}). "
             f"{saved}")
 

@@ -14,6 +14,7 @@ In-process runs use the demo at a tiny size (a second or two each); the random-m
 tests run train_sft.py as a subprocess, as a user would, and are sampled to keep the suite fast.
 """
 import json
+import math
 import os
 import random
 import signal
@@ -208,3 +209,75 @@ def test_a_second_signal_while_loading_is_harmless(train, tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "exit", exit_with_a_second_signal)
     code, _, err = cli(lora_argv(train, out), capsys)
     assert (code, err) == (130, "interrupted\n")
+
+
+# ---------------------------------------------------------------- 2. going on with other settings
+
+@pytest.fixture
+def diverged(train, tmp_path, monkeypatch, capsys):
+    """A LoRA run of 4 steps, saved at each, whose loss turns NaN at step 3."""
+    out = tmp_path / "out"
+    argv = lora_argv(train, out, "--save-every", 1)
+    real, calls = train_sft.train_step, []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss, grad_norm = real(*args, **kwargs) if len(calls) < 3 else (math.nan, math.nan)
+        return loss, grad_norm
+    with monkeypatch.context() as m:
+        m.setattr(train_sft, "train_step", diverging)
+        code, _, err = cli(argv, capsys)
+    assert_one_line_error(code, err, "loss is nan at step 3",
+                          f"The last good checkpoint is in {out}: go on from it with --resume "
+                          "--lr LOWER")
+    return out, argv
+
+
+def test_a_diverged_run_goes_on_with_a_lower_lr(diverged, capsys):
+    out, argv = diverged
+    lower = ["--lr", "1e-4", "--warmup-steps", "0", "--grad-clip", "0.5", "--max-steps", "5",
+             "--eval-every", "2", "--sample-prompt", "Hi"]
+    code, stdout, err = cli(argv + lower + ["--resume"], capsys)
+    assert code == 0, err
+    notes = [line for line in stdout.splitlines() if line.startswith("note: --resume")]
+    assert notes == ["note: --resume from step 2 with --lr 0.002 → 0.0001, --warmup-steps 1 → 0, "
+                     "--grad-clip 1.0 → 0.5, --max-steps 4 → 5, --eval-every 50 → 2, "
+                     "--sample-prompt None → Hi (the learning rate's cosine now ends at the new "
+                     "length): from here the run is not bit for bit the one it would have been "
+                     "uninterrupted; config.json keeps the history"]
+    assert metrics_steps(out) == [1, 2, 3, 4, 5]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {row["step"]: row["lr"] for row in rows if "lr" in row}
+    assert [lrs[step] for step in (3, 4, 5)] == [train_sft.lr_at(step, 1e-4, 0, 5)
+                                                 for step in (2, 3, 4)]  # the new schedule
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 1e-4 and config["max_steps"] == 5
+    assert config["history"] == [{"step": 2, "lr": [0.002, 1e-4], "warmup_steps": [1, 0],
+                                  "grad_clip": [1.0, 0.5], "max_steps": [4, 5],
+                                  "eval_every": [50, 2], "sample_prompt": [None, "Hi"]}]
+    # going on again keeps the history; the new settings are now the run's
+    code, stdout, err = cli(argv + lower[:6] + ["--max-steps", "6", "--resume"], capsys)
+    assert code == 0, err
+    history = json.loads((out / "config.json").read_text())["history"]
+    assert history[1:] == [{"step": 5, "max_steps": [5, 6], "eval_every": [2, 50],
+                            "sample_prompt": ["Hi", None]}]
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--method", "full"], "method 'lora' → 'full'"),
+    (["--lora-r", "4"], "lora_r 16 → 4"),
+    (["--lora-targets", "q,v"], "lora_targets"),
+    (["--template", "alpaca"], "template 'none' → 'alpaca'"),
+    (["--precision", "bf16"], "precision 'fp32' → 'bf16'"),
+    (["--weight-decay", "0.1"], "weight_decay 0.0 → 0.1"),
+    (["--batch-size", "1"], "batch_size 2 → 1"),
+])
+def test_resume_still_refuses_what_makes_the_checkpoint_meaningless(diverged, capsys, changed,
+                                                                    named):
+    out, argv = diverged
+    before = (out / "config.json").read_bytes()
+    code, _, err = cli(argv + changed + ["--lr", "1e-4", "--resume"], capsys)
+    assert_one_line_error(code, err, f"--resume: {out} was trained with different settings: "
+                          f"{named}")
+    assert "lr 0.002" not in err  # (may change)
+    assert (out / "config.json").read_bytes() == before
