@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +282,114 @@ def test_resume_still_refuses_what_makes_the_checkpoint_meaningless(diverged, ca
                           f"{named}")
     assert "lr 0.002" not in err  # (may change)
     assert (out / "config.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- 3. hand-edited run directories
+
+@pytest.fixture(scope="module")
+def two_steps(train, tmp_path_factory) -> tuple[Path, list]:
+    """A LoRA run of 4 steps stopped after 2 (checkpoint.pt at step 2, two rows of metrics)."""
+    out = tmp_path_factory.mktemp("two_steps") / "out"
+    argv = lora_argv(train, out, "--max-steps", 2)
+    train_sft.main(argv)
+    return out, lora_argv(train, out)
+
+
+@pytest.fixture
+def saved_run(two_steps, tmp_path) -> tuple[Path, list]:
+    """A copy of two_steps to edit by hand, and the command that resumes it."""
+    original, argv = two_steps
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    return out, [str(out) if a == str(original) else a for a in argv] + ["--resume"]
+
+
+def edit_checkpoint(out: Path, edit):
+    state = saved_state(out)
+    edit(state)
+    torch.save(state, out / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: s.update(step="2"), "its step is '2', not a whole number >= 0"),
+    (lambda s: s.update(step=2.0), "its step is 2.0, not a whole number >= 0"),
+    (lambda s: s.update(step=-3), "its step is -3, not a whole number >= 0"),
+    (lambda s: s["rng"][0].update(cpu=torch.zeros(10, dtype=torch.uint8)),
+     "its random states are not as torch writes them"),
+    (lambda s: s.update(rng={"cpu": None}), "its random states are not as torch writes them"),
+    (lambda s: s.update(model=[1, 2]), "its model is not a set of named tensors"),
+    (lambda s: s.update(optimizer="adamw"), "its optimizer state is not as torch writes it"),
+])
+def test_a_hand_edited_checkpoint_is_one_line(saved_run, capsys, edit, problem):
+    out, argv = saved_run
+    edit_checkpoint(out, edit)
+    before = files_of(out)
+    code, _, err = cli(argv, capsys)
+    assert_one_line_error(code, err, f"--resume: {out / 'checkpoint.pt'} is damaged ({problem}); "
+                          "delete it to start this run over from step 0")
+    assert files_of(out) == before
+
+
+def files_of(directory: Path) -> dict:
+    """{relative path: bytes} of every file under `directory`."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def edit_config(out: Path, edit):
+    config = json.loads((out / "config.json").read_text())
+    config = edit(config) or config
+    (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda c: c.update(inputs=["train.json"]), "its inputs are a JSON list, not an object"),
+    (lambda c: c["inputs"].update(data="train.json"), "its inputs.data is not an object with a "
+                                                      "path"),
+    (lambda c: c["inputs"]["data"].update(path=3), "its inputs.data is not an object with a path"),
+    (lambda c: c["inputs"]["data"].update(bytes="big"), "its inputs.data has no size and sha256 as "
+                                                      "train_sft.py writes them"),
+    (lambda c: c.update(history={"step": 1}), "its history is a JSON object"),
+    (lambda c: {"lr": 0.002}, "not a run's settings: it lacks run_format"),
+    (lambda c: [c], "a JSON list, not a run's settings"),
+])
+def test_a_hand_edited_config_is_one_line(saved_run, capsys, edit, problem):
+    out, argv = saved_run
+    edit_config(out, edit)
+    before = files_of(out)
+    for resume_flag in (["--resume"], []):
+        code, _, err = cli(argv[:-1] + resume_flag, capsys)
+        assert_one_line_error(code, err, f"{out / 'config.json'} is damaged ({problem}); restore "
+                              "it (it holds the run's settings), or choose another --out")
+    assert files_of(out) == before
+
+
+def test_a_config_json_that_is_a_list_elsewhere_is_named_as_such(train, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "config.json").write_text("[1, 2]")
+    code, _, err = cli(lora_argv(train, out), capsys)
+    assert_one_line_error(code, err, f"--out {out} holds files this project did not write "
+                          "(config.json: a JSON list, not a run's settings)")
+
+
+def test_bad_metrics_rows_are_skipped_with_a_note(saved_run, capsys):
+    out, argv = saved_run
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": "3", "loss": 1.0}\n{"step": 3, "loss": "low"}\n[3, 1.0]\n{"step": 3}\n')
+    code, stdout, err = cli(argv, capsys)
+    assert code == 0, err
+    assert (f"note: {out / 'metrics.jsonl'}: skipped 3 unreadable lines (lines 3, 4, 5): not rows "
+            "of metrics (a run killed while writing leaves a torn last line)") in stdout
+    assert metrics_steps(out) == [1, 2, 3, 4]  # ({"step": 3} was a row, after the checkpoint)
+
+
+def test_metrics_that_is_not_a_file_is_one_line(saved_run, capsys):
+    out, argv = saved_run
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()
+    before = files_of(out)
+    code, _, err = cli(argv, capsys)
+    assert_one_line_error(code, err, f"{out / 'metrics.jsonl'} is not a file: a run writes its "
+                          "metrics there; move it away, or choose another --out")
+    assert files_of(out) == before
