@@ -74,7 +74,8 @@ def sha256_of(path: Path) -> str:
 def describe_inputs(settings: dict) -> dict:
     """Where the inputs are, resolved (so that another spelling of the same path is the same input),
     and for the data files what they hold (size and sha256: a few seconds for gigabytes of data),
-    so that --resume notices a file that changed. A missing file is left for data.py to report."""
+    so that --resume notices a file that changed. A data file that does not exist is said here,
+    before anything about --out; any other fault of an input is left for the code that reads it."""
     inputs = {}
     for name in INPUTS:
         given = settings.get(name)
@@ -82,6 +83,13 @@ def describe_inputs(settings: dict) -> dict:
             inputs[name] = None
             continue
         path = Path(given).resolve()
+        try:
+            found = path.exists()
+        except OSError as e:  # a name longer than the file system allows
+            raise UserError(f"cannot read --{name.replace('_', '-')} {given}: {e.strerror}") \
+                from None
+        if name in ("data", "val_data") and not found:
+            raise UserError(f"data file not found: {given}")  # (as records.load_records says it)
         inputs[name] = {"path": str(path)}
         if name in ("data", "val_data") and path.is_file():
             inputs[name].update(bytes=path.stat().st_size, sha256=sha256_of(path))

@@ -19,16 +19,18 @@ A run writes only into a new or empty directory, or into a run directory of this
 
 `dist` is a distributed.Distributed under torchrun, else None.
 """
+import errno
 import fcntl
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from checkpoint import atomic_write, write_json
-from errors import UserError
+from errors import UserError, disk_full_cause
 from resume import (INPUTS, check_resume, damaged, describe_inputs, going_on_note,
                     settings_of)
 
@@ -41,6 +43,7 @@ TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 OLD_RUN_KEYS = {"out", "data", "method", "seed", "lr", "batch_size", "resume"}
 
 _held_locks = {}  # run directory (resolved) -> its open lock file, locked until this process ends
+_started = {}  # run directory (resolved) -> what prepare_out created there (see undo_start)
 
 
 # ---------------------------------------------------------------- what --out holds
@@ -143,6 +146,34 @@ def _ours_to_ignore(name: str) -> bool:
     return name == LOCK or TEMP_FILE.fullmatch(name) is not None
 
 
+def check_out_path(out: Path):
+    """--out must be a path this system can use: not a symbolic link that leads to itself, not a
+    name longer than the file system allows."""
+    try:
+        out.resolve()
+        out.exists()
+    except RuntimeError:  # (Python 3.11's resolve says "Symlink loop"; later ones raise ELOOP)
+        raise UserError(f"--out {out} is a symbolic link that leads back to itself (a loop); "
+                        "choose another --out") from None
+    except OSError as e:
+        loop = " (a loop)" if e.errno == errno.ELOOP else ""
+        raise UserError(f"cannot use --out {out}: {e.strerror}{loop}; choose another --out") \
+            from None
+
+
+@contextmanager
+def writing(path: Path):
+    """A write into the run directory that fails for a reason the user can fix (a full disk, a
+    read-only or immutable directory, a name too long): one line naming the file. What is on disk
+    stays as it was: every save is atomic, and --resume skips a torn line of metrics.jsonl."""
+    try:
+        yield
+    except OSError as e:
+        reason = disk_full_cause(e) or e.strerror or str(e)
+        raise UserError(f"cannot write {path}: {reason}; the run stopped, and what it wrote before "
+                        "is kept") from None
+
+
 def refuse_inputs_inside(out: Path, settings: dict, inputs: dict):
     """--out must not be, or contain, a file or directory the run reads."""
     where = out.resolve()
@@ -214,12 +245,15 @@ def prepare_out(args, write=True) -> Path:
     is written. write=False (torchrun ranks other than 0): check only; rank 0 writes and locks."""
     out = Path(args.out)
     settings = settings_of(args)
-    inputs = describe_inputs(settings)
+    inputs = describe_inputs(settings)  # (a missing --data is said first, before anything of --out)
+    check_out_path(out)
     refuse_inputs_inside(out, settings, inputs)
     existing_run(out)  # refuses another's directory before anything, even the lock file, is written
     if write:
+        created = _what_does_not_exist(out)
         lock_run_dir(out)
-        remove_temp_files(out)
+        with writing(out):
+            remove_temp_files(out)
     old = existing_run(out)  # (read again: now no other run can change it)
     saved = (out / CHECKPOINT).exists()
     results = [name for name in RESULTS if (out / name).exists()]
@@ -254,8 +288,40 @@ def prepare_out(args, write=True) -> Path:
                         "away, or choose another --out")
     if write:
         config = {**settings, "run_format": RUN_FORMAT, "inputs": inputs}
-        write_json(out / CONFIG, {**config, "history": history} if history else config)
+        with writing(out / CONFIG):
+            write_json(out / CONFIG, {**config, "history": history} if history else config)
+        _started[out.resolve()] = created
     return out
+
+
+def _what_does_not_exist(out: Path) -> dict:
+    """What prepare_out is about to create (undo_start removes it if the start fails): the
+    folders of --out that do not exist yet, innermost first, and the lock file; and config.json's
+    text as it is now (None: absent)."""
+    folders = [folder for folder in [out, *out.parents] if not folder.exists()]
+    config = (out / CONFIG).read_text() if (out / CONFIG).is_file() else None
+    return {"folders": folders, "lock": not (out / LOCK).exists(), "config": config}
+
+
+def undo_start(out: Path):
+    """A run that failed before its first step (a bad input, Ctrl-C while loading, too little
+    memory) takes back what prepare_out created, so that failed starts do not pile up: only that,
+    never a file it found there (a folder is removed only if nothing else was put in it)."""
+    created = _started.pop(out.resolve(), None)
+    if created is None:
+        return
+    if created["config"] is None:
+        (out / CONFIG).unlink(missing_ok=True)
+    else:  # a resumed run: its settings as they were
+        atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(created["config"]))
+    if created["lock"]:
+        _held_locks.pop(out.resolve()).close()
+        (out / LOCK).unlink(missing_ok=True)
+    for folder in created["folders"]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile
+            return
 
 
 def first_line(e: Exception) -> str:
@@ -292,7 +358,8 @@ def save_state(out: Path, model, optimizer, scaler, step, dist=None):
         optimizer_state, rng = optimizer.state_dict(), [_rng_state()]
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
              "scaler": scaler.state_dict() if scaler else None}
-    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    with writing(out / CHECKPOINT):
+        atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def read_state(path: Path, peek=False) -> dict:
@@ -381,11 +448,12 @@ def record_effective(out: Path, given, effective):
     changed = {key: value for key, value in after.items() if before.get(key) != value}
     if changed:
         config = json.loads((out / CONFIG).read_text())
-        write_json(out / CONFIG, {**config, "effective": changed})
+        with writing(out / CONFIG):
+            write_json(out / CONFIG, {**config, "effective": changed})
 
 
 def log_metrics(out: Path, row: dict):
-    with open(out / METRICS, "a") as f:
+    with writing(out / METRICS), open(out / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -427,7 +495,8 @@ def drop_metrics_after(out: Path, step: int):
               f"({lines} {', '.join(map(str, unreadable))}): not rows of metrics (a run killed "
               "while writing leaves a torn last line)")
     kept = "".join(line for line, row in rows if row["step"] <= step)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
+    with writing(path):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
 
 
 def plot_losses(out: Path):

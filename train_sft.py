@@ -36,7 +36,7 @@ from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer
 from records import load_records, split_train_val
 from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out,
-                     record_effective, save_state)
+                     record_effective, save_state, undo_start)
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -50,26 +50,31 @@ def main(argv=None):
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
     STOP.listen()
-    torch.manual_seed(config.seed)
-    model, tokenizer = build_model(config, log)
-    given = config
-    config, batches, validation = load_data(config, tokenizer, model, log)
-    if log.speaks:
-        record_effective(out, given, config)  # what load_data had to change, beside what was given
-    if dist:
-        dist.parallelize(model, shard=config.method == "full")
-        torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
-    if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
-        from fused_loss import compile_for_training
-        compile_for_training(model)
-    memory = estimate_memory(model, replace(config, seq_len=batches.longest))
-    log.say(memory_line(memory, config.device))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
-                               config.adamw_state)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
-    if config.resume and log.speaks:
-        drop_metrics_after(out, step)
+    try:
+        torch.manual_seed(config.seed)
+        model, tokenizer = build_model(config, log)
+        given = config
+        config, batches, validation = load_data(config, tokenizer, model, log)
+        if log.speaks:
+            record_effective(out, given, config)  # what load_data had to change, beside the given
+        if dist:
+            dist.parallelize(model, shard=config.method == "full")
+            torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
+        if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
+            from fused_loss import compile_for_training
+            compile_for_training(model)
+        memory = estimate_memory(model, replace(config, seq_len=batches.longest))
+        log.say(memory_line(memory, config.device))
+        optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
+                                   config.adamw_state)
+        scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
+        if config.resume and log.speaks:
+            drop_metrics_after(out, step)
+    except BaseException:  # the start failed: take back what prepare_out created
+        if log.speaks:
+            undo_start(out)
+        raise
     train(model, optimizer, scaler, batches, validation, config, out, log, step, dist)
     log.say(peak_memory_line(memory, config.device))
     if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None

@@ -13,6 +13,7 @@ writes, a start that fails.
 In-process runs use the demo at a tiny size (a second or two each); the random-moment signal
 tests run train_sft.py as a subprocess, as a user would, and are sampled to keep the suite fast.
 """
+import errno
 import json
 import math
 import os
@@ -27,9 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_dir
 import train_sft
 from conftest import ROOT
-from errors import run_cli
+from errors import UserError, run_cli
 from test_faults import has_rows, run, train_argv
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
@@ -392,4 +394,130 @@ def test_metrics_that_is_not_a_file_is_one_line(saved_run, capsys):
     code, _, err = cli(argv, capsys)
     assert_one_line_error(code, err, f"{out / 'metrics.jsonl'} is not a file: a run writes its "
                           "metrics there; move it away, or choose another --out")
+    assert files_of(out) == before
+
+
+# ---------------------------------------------------------------- 4. write errors and paths
+
+def test_a_full_disk_while_appending_metrics_is_one_line_and_loses_nothing(train, tmp_path,
+                                                                            straight, monkeypatch,
+                                                                            capsys):
+    out = tmp_path / "out"
+    argv = lora_argv(train, out, "--save-every", 1)
+    real_open, rows = open, []
+
+    class HalfWritten:  # writes half the row, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            rows.append(text)
+            if len(rows) == 3:
+                self.f.write(text[:len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+    with monkeypatch.context() as m:
+        m.setattr(run_dir, "open", lambda path, mode="r": HalfWritten(real_open(path, mode))
+                  if mode == "a" else real_open(path, mode), raising=False)  # (metrics.jsonl's)
+        code, _, err = cli(argv, capsys)
+    assert_one_line_error(code, err, f"cannot write {out / 'metrics.jsonl'}: no space left on "
+                          "device; the run stopped, and what it wrote before is kept")
+    assert saved_state(out)["step"] == 2
+    code, stdout, err = cli(argv + ["--resume"], capsys)
+    assert code == 0, err
+    assert "skipped 1 unreadable line (line 3)" in stdout
+    assert metrics_steps(out) == [1, 2, 3, 4]
+    assert_same_weights(out, straight)
+
+
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES])
+def test_a_read_only_run_directory_is_one_line(saved_run, monkeypatch, capsys, error):
+    """(As root, chmod does not stop a write: the failure is simulated where it would happen.)"""
+    out, argv = saved_run
+    before = files_of(out)
+
+    def refused(path, write):
+        raise OSError(error, os.strerror(error), str(path))
+    monkeypatch.setattr(run_dir, "atomic_write", refused)
+    monkeypatch.setattr(run_dir, "write_json", lambda path, obj: refused(path, None))
+    code, _, err = cli(argv + ["--lr", "1e-3"], capsys)
+    assert_one_line_error(code, err, f"cannot write {out / 'config.json'}: {os.strerror(error)}; "
+                          "the run stopped, and what it wrote before is kept")
+    assert files_of(out) == before
+
+
+def test_an_out_name_too_long_is_one_line(train, tmp_path, capsys):
+    out = tmp_path / ("x" * 300) / "run"
+    code, _, err = cli(lora_argv(train, out), capsys)
+    assert_one_line_error(code, err, f"cannot use --out {out}: File name too long; choose "
+                          "another --out")
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_an_out_in_a_symlink_loop_is_one_line(train, tmp_path, capsys, below):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    out = loop / below if below else loop
+    code, _, err = cli(lora_argv(train, out), capsys)
+    assert_one_line_error(code, err, f"--out {out} is a symbolic link that leads back to itself")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+# ---------------------------------------------------------------- 5. a start that fails
+
+def test_a_failed_start_leaves_nothing_it_created(train, tmp_path, capsys):
+    missing = tmp_path / "nowhere.json"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "Hi"}]')  # no output
+    new = tmp_path / "runs" / "a" / "b"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):
+        code, _, err = cli(lora_argv(bad, out), capsys)
+        assert_one_line_error(code, err, f"{bad}: record 1")
+    assert not (tmp_path / "runs").exists()  # every folder it made, removed
+    assert empty.is_dir() and list(empty.iterdir()) == []  # the folder it found, kept
+    code, _, err = cli(lora_argv(missing, new), capsys)
+    assert_one_line_error(code, err, f"data file not found: {missing}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_resume_leaves_the_run_as_it_was(saved_run, capsys, monkeypatch):
+    out, argv = saved_run
+    before = files_of(out)
+
+    def out_of_memory(*args, **kwargs):
+        raise UserError("out of memory (simulated)")
+    monkeypatch.setattr(train_sft, "load_state", out_of_memory)
+    code, _, err = cli(argv + ["--lr", "1e-3", "--max-steps", "8"], capsys)
+    assert_one_line_error(code, err, "out of memory (simulated)")
+    assert files_of(out) == before  # config.json as it was: no history of a start that failed
+
+
+def test_a_failed_start_keeps_what_others_put_there(train, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "new"
+
+    def someone_writes(*args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+    monkeypatch.setattr(train_sft, "build_model", someone_writes)
+    code, _, err = cli(lora_argv(train, out), capsys)
+    assert code == 130, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_missing_data_file_is_said_before_the_run_in_out(two_steps, tmp_path, capsys):
+    out, argv = two_steps
+    missing = tmp_path / "typo.json"
+    before = files_of(out)
+    code, _, err = cli(lora_argv(missing, out), capsys)
+    assert_one_line_error(code, err, f"data file not found: {missing}")
     assert files_of(out) == before
