@@ -35,8 +35,8 @@ from lora import apply_lora, count_parameters, merge_lora, parse_targets, save_a
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer
 from records import load_records, split_train_val
-from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out,
-                     record_effective, save_state, undo_start)
+from run_dir import load_state, prepare_out, record_effective, save_state, undo_start
+from run_metrics import drop_metrics_after, log_metrics, plot_losses
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import run_dir
+import run_metrics
 import train_sft
 from conftest import ROOT
 from errors import UserError, run_cli
@@ -424,7 +425,7 @@ def test_a_full_disk_while_appending_metrics_is_one_line_and_loses_nothing(train
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(text)
     with monkeypatch.context() as m:
-        m.setattr(run_dir, "open", lambda path, mode="r": HalfWritten(real_open(path, mode))
+        m.setattr(run_metrics, "open", lambda path, mode="r": HalfWritten(real_open(path, mode))
                   if mode == "a" else real_open(path, mode), raising=False)  # (metrics.jsonl's)
         code, _, err = cli(argv, capsys)
     assert_one_line_error(code, err, f"cannot write {out / 'metrics.jsonl'}: no space left on "
