@@ -7,8 +7,9 @@
     out/.lock            locked while a run uses the directory, so that two runs never share it
 
 A run writes only into a new or empty directory, or into a run directory of this project
-(recognised by its config.json); never into a model's, a dataset's or anyone else's. What
-`prepare_out` does with --out:
+(recognised by its config.json): never into a directory holding files it did not write, nor into
+one that is or holds one of its inputs (a new directory inside a model's is fine: the run writes
+only inside it). What `prepare_out` does with --out:
 
     new, or empty                          start
     a run that has no checkpoint.pt yet    start it over: it stopped before saving, nothing is lost
