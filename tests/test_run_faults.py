@@ -522,3 +522,25 @@ def test_a_missing_data_file_is_said_before_the_run_in_out(two_steps, tmp_path, 
     code, _, err = cli(lora_argv(missing, out), capsys)
     assert_one_line_error(code, err, f"data file not found: {missing}")
     assert files_of(out) == before
+
+
+def test_a_new_folder_inside_a_models_folder_is_accepted(train, tmp_path, capsys):
+    """What docs/errors.md says: --out may not be or hold an input, but a new folder inside the
+    model's folder holds none of its files, and the run writes only inside it."""
+    model = tmp_path / "mymodel"
+    model.mkdir()
+    (model / "model.gguf").write_bytes(b"GGUF")  # (prepare_out does not read the model)
+    (model / "notes.txt").write_text("the model's")
+    before = files_of(model)
+    for out, accepted in ((model / "run1", True), (model, False)):
+        config = train_sft.parse_args(["--checkpoint", str(model / "model.gguf"), "--data",
+                                       str(train), "--out", str(out)])
+        if accepted:
+            run_dir.prepare_out(config)
+            assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]
+            run_dir.undo_start(out)  # (as a start that fails takes it back)
+        else:
+            with pytest.raises(UserError, match=f"--out {model} contains the --checkpoint"):
+                run_dir.prepare_out(config)
+    assert files_of(model) == before and sorted(p.name for p in model.iterdir()) == [
+        "model.gguf", "notes.txt"]
