@@ -12,24 +12,30 @@ from pathlib import Path
 
 from errors import UserError
 
-# Settings that change the trained weights: a resumed run must use the same ones. Nested groups
-# are flattened: TrainConfig's lora.r is "lora_r" (see flat_settings).
+# Settings that change the trained weights and make a checkpoint meaningless for another value (the
+# model, its tokenizer, the data and how it is cut into steps, the adapters' shape, the precision):
+# a resumed run must use the same ones. Nested groups are flattened: TrainConfig's lora.r is
+# "lora_r" (see flat_settings).
 RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
                      "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
-                     "grad_accum", "lr", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                     "precision", "pure_bf16", "adamw_state", "loss_chunk", "packing",
-                     "world_size")
+                     "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
+                     "adamw_state", "loss_chunk", "packing", "world_size")
+# Settings a run may go on with after a change: how fast and how long it learns from here (a lower
+# --lr after a diverged run, a longer run). The weights from the checkpoint on are then not those
+# of an uninterrupted run: a note says so, and config.json keeps the history of such changes.
+# (weight_decay is not among them: AdamW's saved state brings back the old one.)
+RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # Settings that may change on --resume: they decide what is shown or saved, where, or how fast.
 # --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
-# --epochs and --max-steps may grow (or shrink) a run: "train it longer" resumes where it stopped,
-# with the cosine schedule stretched to the new length (said in a note: see check_resume).
+# Of these, the cadences and the sample prompt are noted in the history too (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile", "epochs", "max_steps")
-RUN_LENGTH = ("epochs", "max_steps")
+                     "device", "grad_ckpt", "compile")
+RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt")
+RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
 # Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".
 OLD_NAMES = {"lora_rslora": "rslora", "lora_dora": "dora"}
@@ -68,7 +74,8 @@ def sha256_of(path: Path) -> str:
 def describe_inputs(settings: dict) -> dict:
     """Where the inputs are, resolved (so that another spelling of the same path is the same input),
     and for the data files what they hold (size and sha256: a few seconds for gigabytes of data),
-    so that --resume notices a file that changed. A missing file is left for data.py to report."""
+    so that --resume notices a file that changed. A data file that does not exist is said here,
+    before anything about --out; any other fault of an input is left for the code that reads it."""
     inputs = {}
     for name in INPUTS:
         given = settings.get(name)
@@ -76,15 +83,23 @@ def describe_inputs(settings: dict) -> dict:
             inputs[name] = None
             continue
         path = Path(given).resolve()
+        try:
+            found = path.exists()
+        except OSError as e:  # a name longer than the file system allows
+            raise UserError(f"cannot read --{name.replace('_', '-')} {given}: {e.strerror}") \
+                from None
+        if name in ("data", "val_data") and not found:
+            raise UserError(f"data file not found: {given}")  # (as records.load_records says it)
         inputs[name] = {"path": str(path)}
         if name in ("data", "val_data") and path.is_file():
             inputs[name].update(bytes=path.stat().st_size, sha256=sha256_of(path))
     return inputs
 
 
-def check_resume(path: Path, old: dict, settings: dict, inputs: dict):
+def check_resume(path: Path, old: dict, settings: dict, inputs: dict) -> dict:
     """Refuse (one line naming every difference, nothing rewritten) a resumed run whose settings or
-    inputs would train other weights, or a checkpoint `path` (out/checkpoint.pt) that is not one."""
+    inputs would make its checkpoint `path` (out/checkpoint.pt) meaningless, or a checkpoint that
+    is not one. Returns the settings of RECORDED that changed: {name: [before, now]}."""
     out = path.parent
     changed = changed_settings(old, {**settings, "inputs": inputs})
     if changed:
@@ -93,11 +108,20 @@ def check_resume(path: Path, old: dict, settings: dict, inputs: dict):
                         "for a new run")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip: a quick look before the model loads
         raise UserError(damaged(path, "not a zip archive: truncated or overwritten"))
-    longer = [f"--{key.replace('_', '-')} {old.get(key)} → {settings.get(key)}"
-              for key in RUN_LENGTH if key in old and old[key] != settings.get(key)]
-    if longer:
-        print(f"note: --resume with {', '.join(longer)}: the learning rate's cosine now ends at "
-              "the new length")
+    return {key: [old[key], settings.get(key)] for key in RECORDED
+            if key in old and old[key] != settings.get(key)}
+
+
+def going_on_note(changes: dict, step: int) -> str:
+    """The one line that says what a resumed run goes on with (changes: check_resume's)."""
+    listed = ", ".join(f"--{key.replace('_', '-')} {before} → {now}"
+                       for key, (before, now) in changes.items())
+    note = f"note: --resume from step {step} with {listed}"
+    if any(key in RUN_LENGTH for key in changes):
+        note += " (the learning rate's cosine now ends at the new length)"
+    if any(key in RESUME_GOES_ON_WITH for key in changes):
+        note += ": from here the run is not bit for bit the one it would have been uninterrupted"
+    return note + "; config.json keeps the history"
 
 
 def changed_settings(old: dict, new: dict) -> list[str]:

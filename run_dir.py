@@ -2,13 +2,14 @@
 
     out/config.json      the settings, where the inputs are and what they hold: --resume checks them
     out/checkpoint.pt    trainable weights, AdamW state, step, RNG states, in one atomic file
-    out/metrics.jsonl    one row per step and per evaluation
+    out/metrics.jsonl    one row per step and per evaluation (run_metrics.py)
     out/loss.png         the curves, drawn at the end (if matplotlib is installed)
     out/.lock            locked while a run uses the directory, so that two runs never share it
 
 A run writes only into a new or empty directory, or into a run directory of this project
-(recognised by its config.json); never into a model's, a dataset's or anyone else's. What
-`prepare_out` does with --out:
+(recognised by its config.json): never into a directory holding files it did not write, nor into
+one that is or holds one of its inputs (a new directory inside a model's is fine: the run writes
+only inside it). What `prepare_out` does with --out:
 
     new, or empty                          start
     a run that has no checkpoint.pt yet    start it over: it stopped before saving, nothing is lost
@@ -19,17 +20,20 @@ A run writes only into a new or empty directory, or into a run directory of this
 
 `dist` is a distributed.Distributed under torchrun, else None.
 """
+import errno
 import fcntl
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from checkpoint import atomic_write, write_json
-from errors import UserError
-from resume import INPUTS, check_resume, damaged, describe_inputs, settings_of
+from errors import UserError, disk_full_cause
+from resume import (INPUTS, check_resume, damaged, describe_inputs, going_on_note,
+                    settings_of)
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
 CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"
@@ -40,6 +44,7 @@ TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 OLD_RUN_KEYS = {"out", "data", "method", "seed", "lr", "batch_size", "resume"}
 
 _held_locks = {}  # run directory (resolved) -> its open lock file, locked until this process ends
+_started = {}  # run directory (resolved) -> what prepare_out created there (see undo_start)
 
 
 # ---------------------------------------------------------------- what --out holds
@@ -79,17 +84,95 @@ def existing_run(out: Path) -> dict | None:
                 raise UserError(f"{out / CONFIG} is damaged (not readable JSON: {e}); restore it "
                                 "(it holds the run's settings), or choose another --out") from None
             config = None
-        if _is_run_config(config):
+        ours = CHECKPOINT in names or METRICS in names
+        if _is_run_config(config) or (ours and isinstance(config, dict)):
+            problem = _config_problem(config)
+            if problem:
+                raise UserError(f"{out / CONFIG} is damaged ({problem}); restore it (it holds the "
+                                "run's settings), or choose another --out")
             return config
+        if ours:  # our run, its config.json overwritten by something else
+            raise UserError(f"{out / CONFIG} is damaged (a JSON {_json_kind(config)}, not a run's "
+                            "settings); restore it (it holds the run's settings), or choose "
+                            "another --out")
+    if text is not None:  # say what the config.json is that is not ours
+        names[names.index(CONFIG)] = f"{CONFIG}: {_not_ours(text)}"
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     raise UserError(f"--out {out} holds files this project did not write ({shown}); a run writes "
                     "only into a new or empty directory, or into its own run directory: choose "
                     "another --out")
 
 
+def _not_ours(text: str) -> str:
+    """Why a config.json is not a run's of this project, in a few words."""
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if isinstance(config, dict):
+        return "not a run's settings"
+    return f"a JSON {_json_kind(config)}, not a run's settings"
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _config_problem(config: dict) -> str | None:
+    """What is wrong with the parts of a run's config.json that --resume reads as structures (a
+    hand edit, another program's file), or None. Other settings are only compared: a wrong value
+    there is named as a difference."""
+    if not _is_run_config(config):
+        return "not a run's settings: it lacks run_format"
+    inputs = config.get("inputs", {})
+    if not isinstance(inputs, dict):
+        return f"its inputs are a JSON {_json_kind(inputs)}, not an object"
+    for name, described in inputs.items():
+        if described is None:
+            continue
+        if not isinstance(described, dict) or not isinstance(described.get("path"), str):
+            return f"its inputs.{name} is not an object with a path"
+        if "sha256" in described and not (isinstance(described["sha256"], str)
+                                          and type(described.get("bytes")) is int):
+            return f"its inputs.{name} has no size and sha256 as train_sft.py writes them"
+    for key, kind in (("history", list), ("effective", dict), ("lora", dict)):
+        if key in config and not isinstance(config[key], kind):
+            return f"its {key} is a JSON {_json_kind(config[key])}"
+    return None
+
+
 def _ours_to_ignore(name: str) -> bool:
     """Our lock file and temporary files: they alone do not make a directory a run."""
     return name == LOCK or TEMP_FILE.fullmatch(name) is not None
+
+
+def check_out_path(out: Path):
+    """--out must be a path this system can use: not a symbolic link that leads to itself, not a
+    name longer than the file system allows."""
+    try:
+        out.resolve()
+        out.exists()
+    except RuntimeError:  # (Python 3.11's resolve says "Symlink loop"; later ones raise ELOOP)
+        raise UserError(f"--out {out} is a symbolic link that leads back to itself (a loop); "
+                        "choose another --out") from None
+    except OSError as e:
+        loop = " (a loop)" if e.errno == errno.ELOOP else ""
+        raise UserError(f"cannot use --out {out}: {e.strerror}{loop}; choose another --out") \
+            from None
+
+
+@contextmanager
+def writing(path: Path):
+    """A write into the run directory that fails for a reason the user can fix (a full disk, a
+    read-only or immutable directory, a name too long): one line naming the file. What is on disk
+    stays as it was: every save is atomic, and --resume skips a torn line of metrics.jsonl."""
+    try:
+        yield
+    except OSError as e:
+        reason = disk_full_cause(e) or e.strerror or str(e)
+        raise UserError(f"cannot write {path}: {reason}; the run stopped, and what it wrote before "
+                        "is kept") from None
 
 
 def refuse_inputs_inside(out: Path, settings: dict, inputs: dict):
@@ -163,12 +246,15 @@ def prepare_out(args, write=True) -> Path:
     is written. write=False (torchrun ranks other than 0): check only; rank 0 writes and locks."""
     out = Path(args.out)
     settings = settings_of(args)
-    inputs = describe_inputs(settings)
+    inputs = describe_inputs(settings)  # (a missing --data is said first, before anything of --out)
+    check_out_path(out)
     refuse_inputs_inside(out, settings, inputs)
     existing_run(out)  # refuses another's directory before anything, even the lock file, is written
     if write:
+        created = _what_does_not_exist(out)
         lock_run_dir(out)
-        remove_temp_files(out)
+        with writing(out):
+            remove_temp_files(out)
     old = existing_run(out)  # (read again: now no other run can change it)
     saved = (out / CHECKPOINT).exists()
     results = [name for name in RESULTS if (out / name).exists()]
@@ -178,8 +264,15 @@ def prepare_out(args, write=True) -> Path:
     if args.resume and old is None:
         raise UserError(f"--resume: {out} holds no run (no {CONFIG}); leave out --resume to start "
                         "one")
+    history = []  # what a resumed run changed, and from which step (see going_on_note)
     if args.resume and saved:
-        check_resume(out / CHECKPOINT, old, settings, inputs)
+        changes = check_resume(out / CHECKPOINT, old, settings, inputs)
+        step = read_state(out / CHECKPOINT, peek=True)["step"]  # (checked before the model loads)
+        history = old.get("history", [])
+        if changes:
+            if write:
+                print(going_on_note(changes, step))
+            history = history + [{"step": step, **changes}]
     elif saved:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
                         "another --out")
@@ -191,9 +284,57 @@ def prepare_out(args, write=True) -> Path:
             print(f"note: {out} holds a run that stopped before its first checkpoint; "
                   "starting it over")
         start_over(out, write)
+    if (out / METRICS).exists() and not (out / METRICS).is_file():
+        raise UserError(f"{out / METRICS} is not a file: a run writes its metrics there; move it "
+                        "away, or choose another --out")
     if write:
-        write_json(out / CONFIG, {**settings, "run_format": RUN_FORMAT, "inputs": inputs})
+        config = {**settings, "run_format": RUN_FORMAT, "inputs": inputs}
+        with writing(out / CONFIG):
+            write_json(out / CONFIG, {**config, "history": history} if history else config)
+        _started[out.resolve()] = created
     return out
+
+
+def _what_does_not_exist(out: Path) -> dict:
+    """What prepare_out is about to create (undo_start removes it if the start fails): the
+    folders of --out that do not exist yet, innermost first, and the lock file; and config.json's
+    text as it is now (None: absent)."""
+    folders = [folder for folder in [out, *out.parents] if not folder.exists()]
+    config = (out / CONFIG).read_text() if (out / CONFIG).is_file() else None
+    return {"folders": folders, "lock": not (out / LOCK).exists(), "config": config}
+
+
+def undo_start(out: Path):
+    """A run that failed before its first step (a bad input, Ctrl-C while loading, too little
+    memory) takes back what prepare_out created, so that failed starts do not pile up: only that,
+    never a file it found there (a folder is removed only if nothing else was put in it)."""
+    created = _started.pop(out.resolve(), None)
+    if created is None:
+        return
+    if created["config"] is None:
+        (out / CONFIG).unlink(missing_ok=True)
+    else:  # a resumed run: its settings as they were
+        atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(created["config"]))
+    if created["lock"]:
+        _held_locks.pop(out.resolve()).close()
+        (out / LOCK).unlink(missing_ok=True)
+    for folder in created["folders"]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was put there meanwhile
+            return
+
+
+def record_effective(out: Path, given, effective):
+    """Settings the run had to change (--seq-len beyond the model's context, --warmup-steps longer
+    than the run) go into config.json as "effective"; the given values stay where --resume
+    compares them."""
+    before, after = settings_of(given), settings_of(effective)
+    changed = {key: value for key, value in after.items() if before.get(key) != value}
+    if changed:
+        config = json.loads((out / CONFIG).read_text())
+        with writing(out / CONFIG):
+            write_json(out / CONFIG, {**config, "effective": changed})
 
 
 def first_line(e: Exception) -> str:
@@ -230,18 +371,53 @@ def save_state(out: Path, model, optimizer, scaler, step, dist=None):
         optimizer_state, rng = optimizer.state_dict(), [_rng_state()]
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
              "scaler": scaler.state_dict() if scaler else None}
-    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    with writing(out / CHECKPOINT):
+        atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def read_state(path: Path) -> dict:
-    """checkpoint.pt as save_state wrote it, or one line saying it is damaged."""
+def read_state(path: Path, peek=False) -> dict:
+    """checkpoint.pt as save_state wrote it, or one line saying it is damaged. peek: map the file
+    instead of reading it (a look at its step and structure before the model loads)."""
     try:  # weights_only: an untrusted file gets to hold tensors, not code
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
     except Exception as e:  # truncated, random bytes, not a checkpoint: torch raises many kinds
         raise UserError(damaged(path, f"{type(e).__name__}: {first_line(e)}")) from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= state.keys():
-        raise UserError(damaged(path, "not a training state written by train_sft.py"))
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(damaged(path, problem))
     return state
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with the structure of a training state (a hand edit, another program's
+    file), or None: checked before anything of it reaches the model, AdamW or the RNG."""
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= state.keys():
+        return "not a training state written by train_sft.py"
+    step = state["step"]
+    if type(step) is not int or step < 0:  # (a float or a negative step would skew the schedule)
+        return f"its step is {step!r}, not a whole number >= 0"
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor)
+                                                for t in weights.values()):
+        return "its model is not a set of named tensors"
+    if not isinstance(state["optimizer"], dict) or not isinstance(state.get("scaler") or {}, dict):
+        return "its optimizer state is not as torch writes it"
+    rng = state["rng"]
+    if not isinstance(rng, list) or not rng or not all(_is_rng_state(r) for r in rng):
+        return "its random states are not as torch writes them"
+    return None
+
+
+def _is_rng_state(saved) -> bool:
+    """A state as _rng_state returns it: torch's generator states are byte tensors of one size."""
+    def same_kind(tensor, like) -> bool:
+        return (isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+                and tensor.shape == like.shape)
+    if not isinstance(saved, dict) or not same_kind(saved.get("cpu"), torch.get_rng_state()):
+        return False
+    if "cuda" in saved and torch.cuda.is_available():
+        return same_kind(saved["cuda"], torch.cuda.get_rng_state())
+    return True
 
 
 def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
@@ -261,86 +437,15 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
         else:
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or groups of another model
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # another model's, or edited
         raise UserError(f"--resume: {path} does not fit this model ({first_line(e)})") from None
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][dist.rank if dist else 0]
+    rank = dist.rank if dist else 0
+    if rank >= len(state["rng"]):
+        raise UserError(damaged(path, f"it holds the random states of {len(state['rng'])} ranks"))
+    rng = state["rng"][rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
-
-
-# ---------------------------------------------------------------- metrics.jsonl and loss.png
-
-def record_effective(out: Path, given, effective):
-    """Settings the run had to change (--seq-len beyond the model's context, --warmup-steps longer
-    than the run) go into config.json as "effective"; the given values stay where --resume
-    compares them."""
-    before, after = settings_of(given), settings_of(effective)
-    changed = {key: value for key, value in after.items() if before.get(key) != value}
-    if changed:
-        config = json.loads((out / CONFIG).read_text())
-        write_json(out / CONFIG, {**config, "effective": changed})
-
-
-def log_metrics(out: Path, row: dict):
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
-    """([(line, row)], numbers of the lines that are not a row): a kill in the middle of an
-    append leaves a last line cut short."""
-    rows, unreadable = [], []
-    text = path.read_text(errors="replace")  # (a torn line may end inside a character)
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and "step" in row:
-            rows.append((line if line.endswith("\n") else line + "\n", row))
-        else:
-            unreadable.append(number)
-    return rows, unreadable
-
-
-def drop_metrics_after(out: Path, step: int):
-    """On resume, the steps logged after the checkpoint are done again: drop their rows, or they
-    would appear twice. Unreadable lines are dropped too, with a note."""
-    path = out / METRICS
-    if not path.exists():
-        return
-    rows, unreadable = read_metrics(path)
-    if unreadable:
-        lines = "line" if len(unreadable) == 1 else "lines"
-        print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
-              f"({lines} {', '.join(map(str, unreadable))}), left by a run killed while writing it")
-    kept = "".join(line for line, row in rows if row["step"] <= step)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
-
-
-def plot_losses(out: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
-        return
-    if not (out / METRICS).exists():
-        return
-    rows = [row for _, row in read_metrics(out / METRICS)[0]]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set(xlabel="optimizer step", ylabel="loss per target token", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)

@@ -37,8 +37,8 @@ from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
-from run_dir import (drop_metrics_after, load_state, log_metrics, plot_losses, prepare_out,
-                     record_effective, save_state)
+from run_dir import load_state, prepare_out, record_effective, save_state, undo_start
+from run_metrics import drop_metrics_after, log_metrics, plot_losses
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -51,27 +51,32 @@ def main(argv=None):
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
-    stop_on_sigterm()
-    torch.manual_seed(config.seed)
-    model, tokenizer = build_model(config, log)
-    given = config
-    config, batches, validation = load_data(config, tokenizer, model, log)
-    if log.speaks:
-        record_effective(out, given, config)  # what load_data had to change, beside what was given
-    if dist:
-        dist.parallelize(model, shard=config.method == "full")
-        torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
-    if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
-        from fused_loss import compile_for_training
-        compile_for_training(model)
-    memory = estimate_memory(model, replace(config, seq_len=batches.longest))
-    log.say(memory_line(memory, config.device))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
-                               config.adamw_state)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
-    if config.resume and log.speaks:
-        drop_metrics_after(out, step)
+    STOP.listen()
+    try:
+        torch.manual_seed(config.seed)
+        model, tokenizer = build_model(config, log)
+        given = config
+        config, batches, validation = load_data(config, tokenizer, model, log)
+        if log.speaks:
+            record_effective(out, given, config)  # what load_data had to change, beside the given
+        if dist:
+            dist.parallelize(model, shard=config.method == "full")
+            torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
+        if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
+            from fused_loss import compile_for_training
+            compile_for_training(model)
+        memory = estimate_memory(model, replace(config, seq_len=batches.longest))
+        log.say(memory_line(memory, config.device))
+        optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
+                                   config.adamw_state)
+        scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
+        if config.resume and log.speaks:
+            drop_metrics_after(out, step)
+    except BaseException:  # the start failed: take back what prepare_out created
+        if log.speaks:
+            undo_start(out)
+        raise
     train(model, optimizer, scaler, batches, validation, config, out, log, step, dist)
     log.say(peak_memory_line(memory, config.device))
     if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None
@@ -90,6 +95,8 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
         log.evaluation(0, *validation.run(model, config), out)
     log.start(total, step)
     model.train()
+    STOP.at_step_end = True
+    saved = None  # the step of the last save, so that a signal right after it does not save again
     try:
         while step < total:
             lr = lr_at(step, config.lr, config.warmup_steps, total)
@@ -115,14 +122,20 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
                       "peak_mem_gib": peak_gib(config)}, out)
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 save_state(out, model, optimizer, scaler, step, dist)
+                saved = step
             if validation and (step % config.eval_every == 0 or step == total):
                 log.evaluation(step, *validation.run(model, config), out)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (stop_on_sigterm): save, say how to go on
+            if STOP.requested_by_any(dist):  # a signal came during this step, now whole
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (StopSignals): save, say how to go on
         log.close()
-        save_state(out, model, optimizer, scaler, step, dist)
+        if saved != step:
+            save_state(out, model, optimizer, scaler, step, dist)
         print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the "
               "same command plus --resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        STOP.at_step_end = False  # from here on a signal stops at once
     log.close()
 
 
@@ -364,20 +377,50 @@ def start_distributed():
     return Distributed()
 
 
-def stop_on_sigterm():
-    """SIGTERM (`kill`, a cluster job's time limit) stops the run like Ctrl-C: save, then exit."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster job's time limit) stop the run. While the
+    loop trains (at_step_end), a signal only asks: the loop finishes the step in progress, saves it
+    and exits. Stopping in the middle of a step would save the random state after the step had
+    drawn some of its dropout masks (or weights that AdamW had half updated), and --resume would
+    not redo that step as an uninterrupted run does. Elsewhere (loading, writing the results) a
+    signal stops at once. A second signal is ignored: the first is being handled (raising again
+    in the middle of the save, or in Python's exit handlers, would print a traceback)."""
+
+    def __init__(self):
+        self.requested = False
+        self.at_step_end = False
+
+    def listen(self):
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            return
+        self.requested = True
+        if not self.at_step_end:
+            raise KeyboardInterrupt
+
+    def requested_by_any(self, dist=None) -> bool:
+        """Under torchrun every rank stops at the same step, whichever got the signal first."""
+        if dist:
+            return dist.mean(float(self.requested)) > 0
+        return self.requested
+
+
+STOP = StopSignals()
 
 
 def nan_message(loss, grad_norm, step, config, out) -> str:
     what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     hint = "try --precision bf16 or fp32" if config.precision == "fp16" else "try a lower --lr"
-    if (out / "checkpoint.pt").exists():
+    if not (out / "checkpoint.pt").exists():
+        saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
+    elif config.precision == "fp16":  # (--precision cannot change on --resume)
         saved = f"The last good checkpoint is in {out}"
     else:
-        saved = f"No checkpoint was saved before it (--save-every {config.save_every})"
+        saved = f"The last good checkpoint is in {out}: go on from it with --resume --lr LOWER"
     return (f"{what} at step {step + 1}; stopped before updating the weights ({hint}). "
             f"{saved}")
 
@@ -399,6 +442,8 @@ class Log:
     def start(self, total: int, done: int):
         self.total = total
         self.every = max(1, total // 20)
+        if done:  # (on a terminal the progress bar starts there too; in a log file, only this)
+            self.say(f"resuming from step {done} of {total}")
         if self.speaks and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
 
