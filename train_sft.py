@@ -48,6 +48,7 @@ def main(argv=None):
     if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
+    config = resolve_template(config, log)
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
     stop_on_sigterm()
     torch.manual_seed(config.seed)
@@ -238,6 +239,18 @@ def build_model(config: TrainConfig, log):
     log.say(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({100 * trainable / total:.2f}%) [{config.method}]")
     return model, tokenizer
+
+
+def resolve_template(config: TrainConfig, log) -> TrainConfig:
+    """--template auto → the checkpoint's own chat template, else alpaca (said in one line).
+    config.json then records the template used, a name or the jinja source, so that --resume
+    compares what was used and generate.py prompts the trained model as it was trained."""
+    if config.checkpoint is None:
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)
+    template = data.resolve_template(config.template, tokenizer, say=log.say)
+    return replace(config, template=data.template_spec(template))
 
 
 def load_data(config: TrainConfig, tokenizer, model, log):
