@@ -103,8 +103,9 @@ class PrefixCache:
         return shared
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__)
+def parse_args(argv=None, description: str = __doc__, chat: bool = False):
+    """generate.py's flags; with chat=True chat.py's (--system instead of --prompt)."""
+    p = ArgumentParser(description=description)
     a = p.add_argument
     a("--checkpoint", required=True,
       help="checkpoint directory or file (HF, Meta, llama2.c, GGUF, ours), or the --out directory "
@@ -112,8 +113,11 @@ def parse_args(argv=None):
     a("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
     a("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of "
       "--checkpoint (default: none)")
-    a("--prompt", default="", help="text to continue, after BOS if the tokenizer uses one "
-      "(default: empty, the model starts from BOS alone)")
+    if chat:
+        a("--system", help="system prompt (default: none, or the template's own default)")
+    else:
+        a("--prompt", default="", help="text to continue, after BOS if the tokenizer uses one "
+          "(default: empty, the model starts from BOS alone)")
     a("--template", default="auto", choices=["auto", *TEMPLATES],
       help="wrap --prompt as an instruction with this template; auto: the one a training run "
       "used (its config.json), else the checkpoint's own chat template, else none (raw text)")
