@@ -22,9 +22,10 @@ transformers' apply_chat_template. Special-token text inside a message ("<|im_en
 user) stays plain text, encoded with the text around it, as data.py's Python templates do (it is
 marked before rendering, so it cannot be told apart from the template's own otherwise).
 transformers does the same with `sanitize_control_tokens=True`, except that it cuts the text at
-such a token. The text is also cut where an answer starts, so that the ids before an answer are
-exactly the ids generation starts from (encode_chat_prompt); SentencePiece encodes a piece after a
-cut as the continuation of the text before it (tokenizer.encode_text).
+such a token. The text is also cut where an answer starts and ends, so that the ids before an
+answer are exactly the ids generation starts from (data.encode_prompt); SentencePiece encodes a
+piece after a cut as the continuation of the text before it (tokenizer.encode_text). transformers
+encodes the text whole; the tests show the same ids for every template they try.
 
 A model file is untrusted input, so the template runs in jinja2's ImmutableSandboxedEnvironment:
 it can call no Python method that changes anything and reach no attribute starting with "_".
@@ -37,7 +38,7 @@ from functools import lru_cache
 from errors import UserError
 from tokenizer import encode_text
 
-# While a list, render() is collecting the (start, end) of each {% generation %} block in it.
+# While render() runs: (the blocks rendered so far, the (start, end) of each {% generation %} block)
 _GENERATION_SPANS = ContextVar("generation_spans", default=None)
 
 # Private-use characters that wrap special-token text inside messages (transformers' markers).

@@ -3,7 +3,8 @@ r"""Instruction data → token ids with a loss mask → batches.
     alpaca.json / chat.jsonl
       ─► records.load_records
       ─► {"system": str | None, "turns": [{"instruction", "input", "output"}, ...]}
-      ─► encode_example (a Template writes the turns out) ─► (input_ids, labels)
+      ─► encode_example (a Template, or the model's own chat template: chat_template.py,
+                         writes the turns out) ─► (input_ids, labels)
       ─► batching.make_batches (pad + group by length, or pack)
       ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
@@ -204,7 +205,7 @@ def resolve_template(name: str, tokenizer: Tokenizer, fallback: str = "alpaca",
         return get_template(fallback)
     template = get_template(name)
     if own and not same_format(template, own, tokenizer):
-        say(f"warning: --template {template_spec(template)[:40]} writes conversations other than "
+        say(f"warning: --template {template.name} writes conversations other than "
             f"{own.name} does; a model answers best in the format it was tuned with")
     return template
 
@@ -212,6 +213,17 @@ def resolve_template(name: str, tokenizer: Tokenizer, fallback: str = "alpaca",
 def template_spec(template: "Template | ChatTemplate") -> str:
     """What config.json records: a template's name, or a jinja template's source."""
     return template.source if isinstance(template, ChatTemplate) else template.name
+
+
+def jinja_form(template: "Template | ChatTemplate", tokenizer: Tokenizer) -> str | None:
+    """A template as jinja, for exported tokenizer files: a chat template's source; for a named
+    template the model's own when the two write the same (chatml on SmolLM2), else None."""
+    if isinstance(template, ChatTemplate):
+        return template.source
+    own = tokenizer.chat_template
+    if own and same_format(template, ChatTemplate(own), tokenizer):
+        return own
+    return None
 
 
 def same_format(one, other, tokenizer: Tokenizer) -> bool:

@@ -83,11 +83,19 @@ class Tokenizer:
 
     def save(self, directory):
         """Put the tokenizer beside a saved model, as `tokenizer.model`: the name every loader
-        looks for. A file already there is kept (an export may have copied the original)."""
-        from checkpoint import atomic_write
+        looks for, with a tokenizer_config.json for its chat template. Files already there are
+        kept (an export may have copied the originals)."""
+        from checkpoint import atomic_write, write_json
         target = Path(directory) / "tokenizer.model"
         if not target.exists():
             atomic_write(target, lambda tmp: shutil.copyfile(self.path, tmp))
+        # what Hugging Face's tokenizer_config.json said beside the original, and is not in it
+        settings = {} if self.legacy else {"legacy": False}
+        if self.chat_template:
+            settings["chat_template"] = self.chat_template
+        config = Path(directory) / "tokenizer_config.json"
+        if settings and not config.exists():
+            write_json(config, settings)
 
 
 class ByteTokenizer(Tokenizer):

@@ -324,21 +324,26 @@ class Validation:
 def finish(config: TrainConfig, out: Path, model, tokenizer):
     """Write the adapter (LoRA) or the model (full), and with --merge the merged model in our
     format and Hugging Face's. Model directories get the tokenizer too, so
-    `generate.py --checkpoint` finds it there."""
+    `generate.py --checkpoint` finds it there, with the chat template the run was trained with."""
+    from export import write_chat_template
+    chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
     if config.method in ("lora", "qlora"):
         from export import export_peft
         save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
         export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
+        write_chat_template(out / "peft", chat_template)
         print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
         if config.merge:
             merge_lora(model)
     if config.method == "full" or config.merge:
         save_checkpoint(model, out / "model")
         tokenizer.save(out / "model")
+        write_chat_template(out / "model", chat_template)
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if config.merge:
         from export import export_hf
         export_hf(model, out / "hf", tokenizer)
+        write_chat_template(out / "hf", chat_template)
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
 

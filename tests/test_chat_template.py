@@ -315,3 +315,42 @@ def test_data_show_uses_the_models_template(capsys, smollm2_path, monkeypatch):
     printed = capsys.readouterr()
     assert printed.err.startswith("template: the chat template of SmolLM2-135M-Instruct.Q4_1.gguf")
     assert "<|im_start|>assistant\n[[" in printed.out
+
+
+# -- A run remembers its format -------------------------------------------------------------------
+
+# A chat template for stories260K's tokenizer (its files have none)
+STORY_CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+              "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_a_run_records_its_template_and_its_exports_carry_it(tmp_path, capsys):
+    """config.json records the jinja source that auto found, --resume refuses another template,
+    the model, HF and PEFT directories carry it, and generate.py prompts the run with it."""
+    import generate
+    import train_sft
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    shutil.copy(shared_path("models", "stories260K", "tok512.model"), tok_dir)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": STORY_CHAT}))
+    out = tmp_path / "run"
+    argv = ["--checkpoint", shared_path("models", "stories260K"), "--tokenizer",
+            tok_dir / "tok512.model", "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+            "--out", out, "--seq-len", 128, "--batch-size", 2, "--grad-accum", 1, "--val-split", 0,
+            "--max-steps", 1, "--warmup-steps", 1, "--merge"]
+    train_sft.main([str(a) for a in argv])
+    assert "template: the chat template of tok512.model (--template auto)" in \
+        capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["template"] == STORY_CHAT
+    for directory in ("peft", "model", "hf"):
+        config = json.loads((out / directory / "tokenizer_config.json").read_text())
+        assert config["chat_template"] == STORY_CHAT
+    assert Tokenizer.from_file(out / "model").chat_template == STORY_CHAT
+    with pytest.raises(UserError, match=r"^--resume: .* different settings: template \"\{\{ "
+                                        r"bos_token \}\}\{% for m in messages…\" → 'alpaca'; "):
+        train_sft.main([str(a) for a in argv + ["--template", "alpaca", "--resume"]])
+    capsys.readouterr()
+    generate.main(["--checkpoint", str(out), "--prompt", "Hi", "--max-new-tokens", "2"])
+    assert f"template: the run's chat template (the one {out} was trained with)" in \
+        capsys.readouterr().err
