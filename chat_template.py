@@ -74,8 +74,7 @@ def _environment():
 
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    import jinja2.sandbox
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     class GenerationTag(Extension):
         """{% generation %}...{% endgeneration %}: the text inside is an answer. Its (start, end)
@@ -109,8 +108,8 @@ def _environment():
         """An unsafe attribute (`''.__class__`) is an error at once, where jinja2 would give an
         undefined value that renders as nothing."""
         def unsafe_undefined(self, obj, attribute):
-            raise jinja2.sandbox.SecurityError(
-                f"access to {type(obj).__name__}.{attribute} is not allowed (sandbox)")
+            raise SecurityError(f"access to {type(obj).__name__}.{attribute} is not allowed "
+                                "(sandbox)")
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
@@ -146,8 +145,7 @@ def render(template: ChatTemplate, messages: list[dict], tokenizer,
 
 def record_messages(conversation: dict) -> list[dict]:
     """A normalised record (records.py) as chat messages; Alpaca's input joins the instruction
-    after a blank line, as data.py's templates without an input slot do. Special-token text in
-    the messages is marked (see the top of this file)."""
+    after a blank line, as data.py's templates without an input slot do."""
     messages = []
     if conversation.get("system") is not None:
         messages.append({"role": "system", "content": conversation["system"]})
@@ -162,6 +160,8 @@ def record_messages(conversation: dict) -> list[dict]:
 
 
 def _mark(messages: list[dict], tokenizer) -> list[dict]:
+    """Special-token text inside the messages, wrapped in the markers (markers already there are
+    dropped first, so none can be forged)."""
     pattern = _special_pattern(tuple(tokenizer.special))
     marked = []
     for message in messages:
