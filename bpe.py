@@ -12,7 +12,7 @@ from pathlib import Path
 
 from checkpoint import read_json, write_json
 from errors import UserError
-from tokenizer import LLAMA3_PATTERN, Tokenizer
+from tokenizer import LLAMA3_PATTERN, Tokenizer, read_chat_template
 
 # Pre-tokenizer patterns. Text is first cut into pieces by one of these regexes; each piece is
 # then tokenized on its own, so no token ever spans two pieces.
@@ -90,11 +90,6 @@ class BPETokenizer(Tokenizer):
         # A token can hold part of a character's bytes, so join the bytes before decoding them.
         text_bytes = b"".join(self.bytes_of_id[i] for i in ids)
         return text_bytes.decode("utf-8", errors="replace")
-
-    def special_id(self, token: str) -> int:
-        if token not in self.special:
-            return super().special_id(token)
-        return self.special[token]
 
     def save(self, directory):
         """tokenizer.json + tokenizer_config.json, as Hugging Face writes them (with the chat
@@ -186,7 +181,7 @@ def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
         add_bos = _template_starts_with(spec.get("post_processor"), bos_token)
     return BPETokenizer(path, vocab, merges, special, _pre_tokenizer_pattern(spec["pre_tokenizer"]),
                         bos_id=special.get(bos_token), eos_id=special.get(eos_token),
-                        add_bos=add_bos, chat_template=_chat_template(path, config))
+                        add_bos=add_bos, chat_template=read_chat_template(path, config))
 
 
 def _unsupported_part(spec: dict) -> str | None:
@@ -247,19 +242,6 @@ def _template_starts_with(post_processor: dict | None, token: str | None) -> boo
             first = step["single"][0]
             return first.get("SpecialToken", {}).get("id") == token
     return False
-
-
-def _chat_template(path: Path, config: dict) -> str | None:
-    """tokenizer_config.json's chat_template (a string, or a list of named templates), else the
-    chat_template.jinja file that newer transformers save beside it."""
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {entry["name"]: entry["template"] for entry in template}
-        template = named.get("default")
-    jinja = path.with_name("chat_template.jinja")
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template
 
 
 # -- llama.cpp GGUF -------------------------------------------------------------------------------

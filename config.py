@@ -42,7 +42,7 @@ class TrainConfig:
     data: str | None = None
     val_data: str | None = None
     val_split: float = 0.05
-    template: str = "alpaca"
+    template: str = "auto"        # config.json: the template used, a name or a jinja source
     train_on_prompt: bool = False
     out: str = "out"
     method: str = "lora"           # lora, qlora or full
@@ -100,7 +100,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
-    a("--template", default=d.template, choices=list(data.TEMPLATES), help="prompt template")
+    a("--template", default=d.template, choices=["auto", *data.TEMPLATES],
+      help="prompt template; auto: the checkpoint's own chat template, else alpaca")
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask)")
     a("--out", default=d.out, help="output directory: new, empty, or a run of this project")
     a("--method", choices=["lora", "qlora", "full"], default=d.method,

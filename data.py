@@ -3,7 +3,8 @@ r"""Instruction data → token ids with a loss mask → batches.
     alpaca.json / chat.jsonl
       ─► records.load_records
       ─► {"system": str | None, "turns": [{"instruction", "input", "output"}, ...]}
-      ─► encode_example (a Template writes the turns out) ─► (input_ids, labels)
+      ─► encode_example (a Template, or the model's own chat template: chat_template.py,
+                         writes the turns out) ─► (input_ids, labels)
       ─► batching.make_batches (pad + group by length, or pack)
       ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
@@ -43,10 +44,11 @@ import sys
 from dataclasses import dataclass
 
 from batching import batch_efficiency, make_batches
+from chat_template import ChatTemplate, tokenize_chat
 from errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
 from model import IGNORE_INDEX
 from records import load_records, normalize_record
-from tokenizer import SentencePieceTokenizer, Tokenizer
+from tokenizer import Tokenizer, encode_text
 
 # -- One example: the prompt is masked, the answer and its end token are trained on ---------------
 
@@ -178,27 +180,65 @@ def default_system_prompt(tokenizer: Tokenizer) -> str | None:
     return match.group(1).replace("\\n", "\n")
 
 
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise UserError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+def get_template(name: str) -> "Template | ChatTemplate":
+    """A named template, or a jinja template's source (what a run's config.json records)."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    if "{{" in name or "{%" in name:
+        return ChatTemplate(name, "the run's chat template")
+    raise UserError(f"unknown template {name!r}; known: auto, {', '.join(TEMPLATES)}")
+
+
+def resolve_template(name: str, tokenizer: Tokenizer, fallback: str = "alpaca",
+                     say=print) -> "Template | ChatTemplate":
+    """--template → what writes conversations out, said in one line. auto: the model's own chat
+    template (tokenizer.chat_template), else the named `fallback` (a model without one). A named
+    template wins, with a warning when it writes conversations other than the model's own."""
+    own = None
+    if tokenizer.chat_template:
+        own = ChatTemplate(tokenizer.chat_template, f"the chat template of {tokenizer.path.name}")
+    if name == "auto" and own:
+        say(f"template: {own.name} (--template auto)")
+        return own
+    if name == "auto":
+        say(f"template: {fallback} (--template auto: {tokenizer.path.name} has no chat template)")
+        return get_template(fallback)
+    template = get_template(name)
+    if own and not same_format(template, own, tokenizer):
+        say(f"warning: --template {template.name} writes conversations other than "
+            f"{own.name} does; a model answers best in the format it was tuned with")
+    return template
+
+
+def template_spec(template: "Template | ChatTemplate") -> str:
+    """What config.json records: a template's name, or a jinja template's source."""
+    return template.source if isinstance(template, ChatTemplate) else template.name
+
+
+def jinja_form(template: "Template | ChatTemplate", tokenizer: Tokenizer) -> str | None:
+    """A template as jinja, for exported tokenizer files: a chat template's source; for a named
+    template the model's own when the two write the same (chatml on SmolLM2), else None."""
+    if isinstance(template, ChatTemplate):
+        return template.source
+    own = tokenizer.chat_template
+    if own and same_format(template, ChatTemplate(own), tokenizer):
+        return own
+    return None
+
+
+def same_format(one, other, tokenizer: Tokenizer) -> bool:
+    """Whether two templates give the same ids and loss mask to a two-turn conversation."""
+    probe = {"system": None, "turns": [{"instruction": "Hi!", "input": "", "output": "Hello."},
+                                       {"instruction": "Name a color.", "input": "",
+                                        "output": "Blue."}]}
+    try:
+        return (tokenize_conversation(probe, tokenizer, one)
+                == tokenize_conversation(probe, tokenizer, other))
+    except UserError:
+        return False
 
 
 # -- Tokenizing a conversation --------------------------------------------------------------------
-
-def encode_text(text: str, tokenizer: Tokenizer, continuation: bool = False) -> list[int]:
-    """Ids of `text`; with continuation=True, as the text is tokenized when it follows earlier
-    text, without SentencePiece's "▁" prefix (see the top of this file)."""
-    if not continuation or not isinstance(tokenizer, SentencePieceTokenizer):
-        return tokenizer.encode(text)
-    anchor = tokenizer.encode("\n")
-    ids = tokenizer.encode("\n" + text)
-    if ids[:len(anchor)] != anchor:
-        raise UserError(f"tokenizer {tokenizer.path}: '\\n' merges with the text after it, so an "
-                        "answer cannot be tokenized as the prompt's continuation (LLaMA "
-                        "vocabularies encode '\\n' as a byte)")
-    return ids[len(anchor):]
-
 
 def _encode_format(text_format: str, fields: dict, tokenizer: Tokenizer,
                    continuation: bool = False) -> list[int]:
@@ -213,11 +253,13 @@ def _encode_format(text_format: str, fields: dict, tokenizer: Tokenizer,
     return ids
 
 
-def tokenize_conversation(record: dict, tokenizer: Tokenizer, template: Template,
+def tokenize_conversation(record: dict, tokenizer: Tokenizer, template: "Template | ChatTemplate",
                           prompt_only: bool = False) -> tuple[list[int], list[bool]]:
     """(ids, is_answer): the whole conversation, and which ids are answer or end tokens.
     prompt_only stops before the last answer: the ids a model gets to generate that answer."""
     conversation = record if "turns" in record else normalize_record(record)
+    if isinstance(template, ChatTemplate):
+        return tokenize_chat(conversation, tokenizer, template, prompt_only)
     end_id = tokenizer.eos_id
     if template.end_token:
         end_id = tokenizer.special_id(template.end_token)
@@ -284,7 +326,11 @@ def encode_dataset(records: list[dict], tokenizer: Tokenizer, template: Template
         from tqdm import tqdm
         records = tqdm(records, desc="tokenizing", unit=" records", file=sys.stderr)
     for record in records:
-        ids, is_answer = tokenize_conversation(record, tokenizer, template)
+        try:
+            ids, is_answer = tokenize_conversation(record, tokenizer, template)
+        except UserError as e:
+            first = record["turns"][0]["instruction"] if "turns" in record else record
+            raise UserError(f"{source}: the record that starts {str(first)[:40]!r}: {e}") from None
         lengths.append(len(ids))
         example = truncate_and_mask(ids, is_answer, max_seq_len, train_on_prompt)
         if example is not None:
@@ -341,16 +387,18 @@ def main(argv=None):
     add("--data", required=True, help="Alpaca or chat records: a JSON array or JSON Lines")
     add("--tokenizer", required=True,
         help="tokenizer.model (or a checkpoint directory holding one)")
-    add("--template", default="alpaca", choices=list(TEMPLATES), help="prompt format")
+    add("--template", default="auto", choices=["auto", *TEMPLATES],
+        help="prompt format; auto: the tokenizer's own chat template, else alpaca")
     add("--seq-len", type=positive_int, default=512, help="longer examples are truncated")
     add("--show", type=non_negative_int, default=3, help="how many encoded examples to print")
     add("--train-on-prompt", action="store_true", help="also train on prompt tokens")
     add("--batch-size", type=positive_int, default=8, help="for the padding statistics")
     args = parser.parse_args(argv)
 
-    template = get_template(args.template)
     tokenizer = Tokenizer.from_file(args.tokenizer)
     records = load_records(args.data)
+    template = resolve_template(args.template, tokenizer, say=lambda line: print(line,
+                                                                                file=sys.stderr))
     examples, stats = encode_dataset(records, tokenizer, template, args.seq_len,
                                      args.train_on_prompt, source=args.data)
     color = sys.stdout.isatty()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from checkpoint import (atomic_write, hf_names, hf_permute, save_hf_checkpoint, save_safetensors,
-                        write_json)
+from checkpoint import (atomic_write, hf_names, hf_permute, read_json, save_hf_checkpoint,
+                        save_safetensors, write_json)
 from errors import UserError
 from lora import HF_TARGET_NAMES, lora_layers, lora_settings, merge_lora
 
@@ -66,6 +66,21 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str = ""):
     directory = Path(directory)
     save_safetensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     write_json(directory / "adapter_config.json", config)
+
+
+def write_chat_template(directory, chat_template: str | None):
+    """The template a run was trained with goes into directory/tokenizer_config.json (made if
+    absent), so that the model is prompted after export as it was trained; None (a named
+    template without a jinja form) takes out one that the base model's files brought."""
+    path = Path(directory) / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
+    if config.get("chat_template") == chat_template:
+        return
+    if chat_template is None:
+        del config["chat_template"]
+    else:
+        config["chat_template"] = chat_template
+    write_json(path, config)
 
 
 def export_hf(model: nn.Module, directory, tokenizer=None, tokenizer_dir=None, dtype=None):

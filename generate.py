@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from data import TEMPLATES, encode_prompt, get_template
+from data import TEMPLATES, encode_prompt, get_template, resolve_template
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
                     non_negative_float, positive_int, run_cli)
 from model import PRECISIONS, KVCache, Transformer, default_precision
@@ -43,8 +43,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_tokens: int = 256,
              temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time until a stop token, max_new_tokens or a full context."""
+             generator: torch.Generator | None = None,
+             cache: "PrefixCache | None" = None) -> Iterator[int]:
+    """Yield new token ids one at a time until a stop token, max_new_tokens or a full context.
+    With a PrefixCache (chat.py), the start of the prompt that it holds already is not run again."""
     if max_new_tokens < 1:  # (else the check below would blame the prompt)
         raise UserError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     # where the blocks compute (QLoRA may keep the embedding in CPU memory: quant.HostEmbedding)
@@ -55,16 +57,18 @@ def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_token
                         f"{model.config.max_seq_len}")
     was_training = model.training
     model.eval()
-    dtype = model.norm.weight.dtype
-    cache_dtype = dtype if dtype.is_floating_point else torch.float32
-    cache = KVCache(model.config, 1, max_len, device=device, dtype=cache_dtype)
-    tokens = torch.tensor([prompt_ids], device=device)
+    if cache is None:
+        cache = PrefixCache(model, max_len)
+    kv = cache.kv
+    new = prompt_ids[cache.reuse(prompt_ids):]
+    tokens = torch.tensor([new], device=device)
     try:
         for _ in range(max_new_tokens):
-            if cache.length + tokens.shape[1] > max_len:
+            if kv.length + tokens.shape[1] > max_len:
                 return  # context full
             # (a model may have spare embedding rows past the tokenizer's last id: never pick them)
-            logits = model(tokens, cache=cache)[0, -1, :tokenizer.vocab_size]
+            logits = model(tokens, cache=kv)[0, -1, :tokenizer.vocab_size]
+            cache.ids += tokens[0].tolist()
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if next_id in tokenizer.stop_ids:
                 return
@@ -74,8 +78,34 @@ def generate(model: Transformer, tokenizer, prompt_ids: list[int], max_new_token
         model.train(was_training)
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__)
+class PrefixCache:
+    """A KV cache and the ids whose keys and values it holds. Kept from one prompt to the next (a
+    chat's turns), it saves re-running the start they share: attention at a position depends only
+    on the tokens up to it, so the cached keys and values of a shared prefix are what running it
+    again would compute."""
+
+    def __init__(self, model: Transformer, max_len: int | None = None):
+        dtype = model.norm.weight.dtype
+        self.kv = KVCache(model.config, 1, max_len or model.config.max_seq_len,
+                          device=model.norm.weight.device,
+                          dtype=dtype if dtype.is_floating_point else torch.float32)
+        self.ids = []
+
+    def reuse(self, prompt_ids: list[int]) -> int:
+        """Keep the longest cached prefix of `prompt_ids` (leaving at least its last token to run,
+        for the logits of the next one); returns its length."""
+        shared = 0
+        limit = min(len(self.ids), len(prompt_ids) - 1)
+        while shared < limit and self.ids[shared] == prompt_ids[shared]:
+            shared += 1
+        self.kv.length = shared  # what lies beyond is overwritten
+        self.ids = self.ids[:shared]
+        return shared
+
+
+def parse_args(argv=None, description: str = __doc__, chat: bool = False):
+    """generate.py's flags; with chat=True chat.py's (--system instead of --prompt)."""
+    p = ArgumentParser(description=description)
     a = p.add_argument
     a("--checkpoint", required=True,
       help="checkpoint directory or file (HF, Meta, llama2.c, GGUF, ours), or the --out directory "
@@ -83,10 +113,14 @@ def parse_args(argv=None):
     a("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
     a("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of "
       "--checkpoint (default: none)")
-    a("--prompt", default="", help="text to continue, after BOS if the tokenizer uses one "
-      "(default: empty, the model starts from BOS alone)")
-    a("--template", default="none", choices=list(TEMPLATES),
-      help="wrap --prompt as an instruction with this template (none: raw text)")
+    if chat:
+        a("--system", help="system prompt (default: none, or the template's own default)")
+    else:
+        a("--prompt", default="", help="text to continue, after BOS if the tokenizer uses one "
+          "(default: empty, the model starts from BOS alone)")
+    a("--template", default="auto", choices=["auto", *TEMPLATES],
+      help="wrap --prompt as an instruction with this template; auto: the one a training run "
+      "used (its config.json), else the checkpoint's own chat template, else none (raw text)")
     a("--max-new-tokens", type=positive_int, default=256, help="stop after this many new tokens")
     a("--temperature", type=non_negative_float, default=0.8,
       help="divide the logits by this before sampling; 0 = greedy")
@@ -103,13 +137,14 @@ def parse_args(argv=None):
 def resolve_run_dir(args):
     """A training run's --out directory stands for what the run produced: its model/ (full
     fine-tuning or --merge), else its adapter/ on the base model named in its config.json.
-    Returns (checkpoint, adapter, tokenizer: a path, None or a ByteTokenizer); paths that are not
-    a run come back as given. A one-line note on stderr says what was chosen."""
+    Returns (checkpoint, adapter, tokenizer: a path, None or a ByteTokenizer, the run's config);
+    paths that are not a run come back as given, with config None. A one-line note on stderr says
+    what was chosen."""
     from run_dir import run_config
     from tokenizer import ByteTokenizer
     config = run_config(args.checkpoint)
     if config is None:
-        return args.checkpoint, args.adapter, args.tokenizer
+        return args.checkpoint, args.adapter, args.tokenizer, None
     run = Path(args.checkpoint)
     inputs = config.get("inputs") or {}
     demo = config.get("checkpoint") is None  # the built-in demo: byte tokens, weights never saved
@@ -117,7 +152,7 @@ def resolve_run_dir(args):
         tokenizer = args.tokenizer or (ByteTokenizer() if demo else None)
         print(f"note: {run} is a training run: using its fine-tuned model {run / 'model'}",
               file=sys.stderr)
-        return run / "model", args.adapter, tokenizer
+        return run / "model", args.adapter, tokenizer, config
     if not (run / "adapter").is_dir():
         holds = ", ".join(sorted(p.name for p in run.iterdir() if not p.name.startswith(".")))
         raise UserError(f"{run} is a training run without a model/ or adapter/ (it holds {holds}): "
@@ -136,14 +171,16 @@ def resolve_run_dir(args):
     tokenizer = args.tokenizer or run_tokenizer
     print(f"note: {run} is a training run: using its adapter {run / 'adapter'} on its base model "
           f"{base}", file=sys.stderr)
-    return base, run / "adapter", tokenizer
+    return base, run / "adapter", tokenizer, config
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load_for_generation(args):
+    """(model, tokenizer, template) of the --checkpoint (a run, a model, with --adapter), for
+    generate.py and chat.py. The template: --template; auto is the run's own (config.json), else
+    the checkpoint's chat template, else none. Said on stderr."""
     from checkpoint import load_checkpoint
     from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
-    checkpoint, adapter, tokenizer = resolve_run_dir(args)
+    checkpoint, adapter, tokenizer, run = resolve_run_dir(args)
     precision = args.precision or default_precision(args.device)
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
@@ -152,7 +189,23 @@ def main(argv=None):
     if adapter:
         from adapter import load_adapter
         load_adapter(model, adapter)
-    prompt_ids = encode_prompt(args.prompt, tokenizer, get_template(args.template))
+    if args.template == "auto" and run and run.get("template"):
+        template = get_template(run["template"])
+        note(f"template: {template.name} (the one {args.checkpoint} was trained with)")
+    else:
+        template = resolve_template(args.template, tokenizer, fallback="none", say=note)
+    return model, tokenizer, template
+
+
+def note(line: str):
+    """A line about what was chosen, on stderr: stdout holds only the generated text."""
+    print(line, file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer, template = load_for_generation(args)
+    prompt_ids = encode_prompt(args.prompt, tokenizer, template)
     if not prompt_ids:
         raise UserError(f"the prompt is empty and tokenizer {tokenizer.path.name} starts no text "
                         "with BOS: give a --prompt")

@@ -139,8 +139,14 @@ def changed_settings(old: dict, new: dict) -> list[str]:
             if difference:
                 changed.append(difference)
         elif before != now:
-            changed.append(f"{key} {before!r} → {now!r}")
+            changed.append(f"{key} {_shown(before)} → {_shown(now)}")
     return changed
+
+
+def _shown(value) -> str:
+    """A setting as the error line shows it: a long one (a chat template's source) cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "…" + text[-1]
 
 
 def _setting(flat: dict, key: str) -> tuple[bool, object]:

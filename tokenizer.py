@@ -43,6 +43,10 @@ class Tokenizer:
     vocab_size: int
     add_bos = True   # whether a plain-text prompt starts with BOS (SmolLM2's does not)
     chat_template = None  # the model's own jinja chat template, when its files carry one
+    special: dict = {}    # control tokens, text → id: templates insert them; `encode` never does
+    # SentencePiece only: whether text after a control token gets the "▁" prefix of a new string
+    # (Hugging Face's `legacy`, true unless tokenizer_config.json says otherwise)
+    legacy = True
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
@@ -73,15 +77,25 @@ class Tokenizer:
 
     def special_id(self, token: str) -> int:
         """Id of a special token such as '<|eot_id|>' (never produced by `encode` from text)."""
-        raise UserError(f"tokenizer {self.path.name} has no special token {token!r}")
+        if token not in self.special:
+            raise UserError(f"tokenizer {self.path.name} has no special token {token!r}")
+        return self.special[token]
 
     def save(self, directory):
         """Put the tokenizer beside a saved model, as `tokenizer.model`: the name every loader
-        looks for. A file already there is kept (an export may have copied the original)."""
-        from checkpoint import atomic_write
+        looks for, with a tokenizer_config.json for its chat template. Files already there are
+        kept (an export may have copied the originals)."""
+        from checkpoint import atomic_write, write_json
         target = Path(directory) / "tokenizer.model"
         if not target.exists():
             atomic_write(target, lambda tmp: shutil.copyfile(self.path, tmp))
+        # what Hugging Face's tokenizer_config.json said beside the original, and is not in it
+        settings = {} if self.legacy else {"legacy": False}
+        if self.chat_template:
+            settings["chat_template"] = self.chat_template
+        config = Path(directory) / "tokenizer_config.json"
+        if settings and not config.exists():
+            write_json(config, settings)
 
 
 class ByteTokenizer(Tokenizer):
@@ -128,6 +142,46 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
         if embedded is not None:
             return embedded
     return Tokenizer.from_file(checkpoint if checkpoint.is_dir() else checkpoint.parent)
+
+
+def encode_text(text: str, tokenizer: "Tokenizer", continuation: bool = False) -> list[int]:
+    """Ids of `text`; with continuation=True, as the text is tokenized when it follows earlier
+    text, without SentencePiece's "▁" prefix (see the top of data.py)."""
+    if not continuation or not isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer.encode(text)
+    anchor = tokenizer.encode("\n")
+    ids = tokenizer.encode("\n" + text)
+    if ids[:len(anchor)] != anchor:
+        raise UserError(f"tokenizer {tokenizer.path}: '\\n' merges with the text after it, so an "
+                        "answer cannot be tokenized as the prompt's continuation (LLaMA "
+                        "vocabularies encode '\\n' as a byte)")
+    return ids[len(anchor):]
+
+
+def hf_tokenizer_config(path: Path) -> dict:
+    """The tokenizer_config.json of Hugging Face's files beside a tokenizer file (one folder up
+    from original/tokenizer.model, where Llama-3's repos keep Meta's file), or {}."""
+    from checkpoint import read_json
+    for directory in (path.parent, path.parent.parent):
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            return read_json(config)
+        if path.parent.name != "original":
+            break
+    return {}
+
+
+def read_chat_template(path: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or a list of named templates), else the
+    chat_template.jinja file that newer transformers save beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry["name"]: entry["template"] for entry in template}
+        template = named.get("default")
+    jinja = path.with_name("chat_template.jinja")
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template
 
 
 def check_vocabulary(tokenizer, model_vocab: int):
@@ -181,6 +235,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self.sp.vocab_size()
         # llama2.c's tinystories models separate stories with BOS, so BOS ends a sample too.
         self.stop_ids = {self.eos_id, self.bos_id}
+        self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                        if self.sp.is_control(i) or self.sp.is_unknown(i)}  # <unk> <s> </s>
+        config = hf_tokenizer_config(path)
+        self.chat_template = read_chat_template(path, config)
+        self.legacy = config.get("legacy", True)
 
     def _encode(self, text):
         return self.sp.encode(text)
@@ -206,6 +265,7 @@ class TiktokenTokenizer(Tokenizer):
         # base models end with the first, chat turns with the second
         self.stop_ids = {self.eos_id, self.special["<|eot_id|>"]}
         self.vocab_size = self.enc.n_vocab
+        self.chat_template = read_chat_template(path, hf_tokenizer_config(path))
 
     def _encode(self, text):
         # Special-token text inside user data is encoded as plain text, never as control tokens.
@@ -213,8 +273,3 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
-
-    def special_id(self, token: str) -> int:
-        if token not in self.special:
-            return super().special_id(token)
-        return self.special[token]

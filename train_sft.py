@@ -50,6 +50,7 @@ def main(argv=None):
     if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
+    config = resolve_template(config, log)
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
     STOP.listen()
     try:
@@ -262,6 +263,18 @@ def build_model(config: TrainConfig, log):
     return model, tokenizer
 
 
+def resolve_template(config: TrainConfig, log) -> TrainConfig:
+    """--template auto → the checkpoint's own chat template, else alpaca (said in one line).
+    config.json then records the template used, a name or the jinja source, so that --resume
+    compares what was used and generate.py prompts the trained model as it was trained."""
+    if config.checkpoint is None:
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)
+    template = data.resolve_template(config.template, tokenizer, say=log.say)
+    return replace(config, template=data.template_spec(template))
+
+
 def load_data(config: TrainConfig, tokenizer, model, log):
     """Records → (input_ids, labels) → the batches of every step. Returns the config (with what
     had to change: a --seq-len past the model's context, a warmup longer than the run), the step
@@ -344,11 +357,14 @@ class Validation:
 def finish(config: TrainConfig, out: Path, model, tokenizer):
     """Write the adapter (LoRA) or the model (full), and with --merge the merged model in our
     format and Hugging Face's. Model directories get the tokenizer too, so
-    `generate.py --checkpoint` finds it there."""
+    `generate.py --checkpoint` finds it there, with the chat template the run was trained with."""
+    from export import write_chat_template
+    chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
     if config.method in ("lora", "qlora"):
         from export import export_peft
         save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
         export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
+        write_chat_template(out / "peft", chat_template)
         print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
         if config.merge:
             if config.method == "qlora":  # 4-bit weights cannot hold W + ΔW: 16-bit ones first
@@ -358,10 +374,12 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     if config.method == "full" or config.merge:
         save_checkpoint(model, out / "model")
         tokenizer.save(out / "model")
+        write_chat_template(out / "model", chat_template)
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if config.merge:
         from export import export_hf
         export_hf(model, out / "hf", tokenizer)
+        write_chat_template(out / "hf", chat_template)
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
 

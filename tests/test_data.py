@@ -608,8 +608,8 @@ def test_other_user_errors(tmp_path):
     with pytest.raises(UserError, match=r"seed_tasks\.jsonl: line 1: missing key 'output'"):
         # the seed tasks keep outputs in "instances"
         load_records(shared_path("data", "seed_tasks.jsonl"))
-    with pytest.raises(UserError, match="unknown template 'vicuna'; known: alpaca, llama2-chat, "
-                                        "llama3-chat, chatml, none"):
+    with pytest.raises(UserError, match="unknown template 'vicuna'; known: auto, alpaca, "
+                                        "llama2-chat, llama3-chat, chatml, none"):
         get_template("vicuna")
     with pytest.raises(UserError, match="argument --template: invalid choice: 'vicuna'"):
         main(["--data", str(tmp_path / "x.json"), "--tokenizer", "x", "--template", "vicuna"])
@@ -624,8 +624,8 @@ def cli_argv(*flags):
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
     (["--seq-len", "many"], "argument --seq-len: must be an integer >= 1, got 'many'"),
     (["--show", "-1"], "argument --show: must be an integer >= 0, got -1"),
-    (["--template", "chat"], "argument --template: invalid choice: 'chat' (choose from 'alpaca', "
-                             "'llama2-chat', 'llama3-chat', 'chatml', 'none')"),
+    (["--template", "chat"], "argument --template: invalid choice: 'chat' (choose from 'auto', "
+                             "'alpaca', 'llama2-chat', 'llama3-chat', 'chatml', 'none')"),
 ])
 def test_cli_bad_flags_are_one_line_errors(flags, message):
     with pytest.raises(UserError) as error:
@@ -638,8 +638,8 @@ def test_cli_help_shows_defaults_and_choices(capsys):
         main(["--help"])
     assert exit_status.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal
-    for expected in ["{alpaca,llama2-chat,llama3-chat,chatml,none}",
-                     "prompt format (default: alpaca)", "truncated (default: 512)",
+    for expected in ["{auto,alpaca,llama2-chat,llama3-chat,chatml,none}",
+                     "chat template, else alpaca (default: auto)", "truncated (default: 512)",
                      "to print (default: 3)", "statistics (default: 8)",
                      "prompt tokens (default: off)", "python data.py --data"]:
         assert expected in help_text

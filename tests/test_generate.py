@@ -1,6 +1,7 @@
 """Sampling and decoding: sample_next's filters, generate() on the real stories260K model against
 llama2.c's greedy output, and the command line (text on stdout, diagnostics and errors on
 stderr)."""
+import json
 import re
 import shutil
 import subprocess
@@ -179,7 +180,8 @@ def test_cli_greedy_story():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(STORY), r.stdout
     assert "prompt" not in r.stdout and "Traceback" not in r.stderr
-    assert re.fullmatch(r"\[5 prompt \+ \d+ generated tokens\]\n", r.stderr), r.stderr
+    assert re.fullmatch(r"template: none \(--template auto: tok512.model has no chat template\)\n"
+                        r"\[5 prompt \+ \d+ generated tokens\]\n", r.stderr), r.stderr
 
 
 def test_cli_smollm2_chat(smollm2_path):
@@ -300,7 +302,11 @@ def test_checkpoint_is_a_lora_run(runs, capsys):
     assert code == 0, err
     assert err.splitlines()[0] == (f"note: {run} is a training run: using its adapter "
                                    f"{run / 'adapter'} on its base model {stories.resolve()}")
-    assert _main(["--checkpoint", stories, "--adapter", run / "adapter", *argv], capsys)[1] == out
+    # prompted as the run was trained: auto found no chat template in stories260K, so alpaca
+    assert err.splitlines()[1] == f"template: alpaca (the one {run} was trained with)"
+    assert json.loads((run / "config.json").read_text())["template"] == "alpaca"
+    assert _main(["--checkpoint", stories, "--adapter", run / "adapter", "--template", "alpaca",
+                  *argv], capsys)[1] == out
     code, _, err = _main(["--checkpoint", run, "--adapter", run / "adapter", *argv], capsys)
     assert (code, err) == (2, f"error: --checkpoint {run} is a training run that brings its own "
                               "adapter; leave out --adapter\n")
