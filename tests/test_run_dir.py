@@ -161,7 +161,7 @@ def test_out_holding_others_files_is_refused(train, tmp_path, capsys, name, cont
     for resume_flag in ([], ["--resume"]):
         code, _, err = cli(demo_argv(train, out, *resume_flag), capsys)
         assert_one_line_error(code, err, f"--out {out} holds files this project did not write "
-                                         f"({name})")
+                                         f"({name}")  # (config.json: what it is instead)
     assert os.listdir(out) == [name]
 
 

@@ -40,6 +40,16 @@ DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
 
 # ---------------------------------------------------------------- helpers
 
+@pytest.fixture(autouse=True)
+def pytest_keeps_its_signal_handlers():
+    """train_sft.main installs its own handlers, and a test that signals leaves them ignoring the
+    next SIGTERM (train_sft.StopSignals): give pytest back its own after each test."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="module")
 def train(tmp_path_factory) -> Path:
     """8 short demo records, in a folder of their own (never inside an --out)."""
