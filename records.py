@@ -21,7 +21,7 @@ JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a
                    float: "a number", bool: "a boolean"}
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     return JSON_TYPE_NAMES.get(type(value), "null")
 
 
@@ -69,7 +69,7 @@ def load_records(path) -> list[dict]:
 def normalize_record(record, where: str = "record") -> dict:
     """One raw record (Alpaca, Alpaca + history, or chat messages) → the normalised shape."""
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected an object, got {_json_type(record)}")
+        raise UserError(f"{where}: expected an object, got {json_type(record)}")
     if "messages" in record:
         return _from_messages(record["messages"], where)
     for key in ("instruction", "output"):
@@ -104,7 +104,7 @@ def _string(record: dict, key: str, where: str) -> str:
     if value is None and key == "input":  # optional: absent or null means empty
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}: {key!r} must be a string, got {_json_type(value)}")
+        raise UserError(f"{where}: {key!r} must be a string, got {json_type(value)}")
     return value
 
 
