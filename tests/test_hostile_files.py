@@ -332,3 +332,154 @@ def test_a_torch_file_that_holds_no_dict_of_tensors(tmp_path):
     assert one_line_error(load_checkpoint, folder) == (
         f"{folder / 'pytorch_model.bin'}: expected a state dict (tensors by name), but it holds "
         "other things")
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TOKENS = ["<|endoftext|>", "a", "b", "ab"]
+
+
+def tokenizer_gguf(tmp_path, tokens=TOKENS, types=(3, 1, 1, 1), merges=("a b",), extra=()):
+    types_entry = array("tokenizer.ggml.token_type", I32,
+                        np.array(types, np.int32).tobytes(), len(types))
+    metadata = [text("tokenizer.ggml.model", "gpt2"), text("tokenizer.ggml.pre", "gpt2"),
+                tokens if isinstance(tokens, bytes) else strings("tokenizer.ggml.tokens", tokens),
+                types_entry, strings("tokenizer.ggml.merges", list(merges)), *extra]
+    return write(tmp_path / "tok.gguf", gguf_bytes(metadata))
+
+
+def test_the_crafted_gguf_tokenizer_works(tmp_path):
+    tokenizer = Tokenizer.from_file(tokenizer_gguf(tmp_path))
+    assert tokenizer.encode("ab") == [3] and tokenizer.decode([1, 2]) == "ab"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(types=(3, 1)), "tokenizer.ggml.token_type must be an array of integers, one for each "
+                         "of the 4 tokens"),
+    (dict(merges=("ab",)), "merge 1 is 'ab', not two tokens (\"a b\" or [\"a\", \"b\"])"),
+    (dict(merges=("a b c",)), "merge 1 is 'a b c', not two tokens (\"a b\" or [\"a\", \"b\"])"),
+    (dict(tokens=array("tokenizer.ggml.tokens", U32, bytes(16), 4)),
+     "tokenizer.ggml.tokens is not an array of strings"),
+    (dict(extra=[u32("tokenizer.ggml.bos_token_id", 4000)]),
+     "the BOS token id 4000 is not a token's id"),
+    (dict(tokens=[], types=(), merges=()), "the vocabulary is empty"),
+], ids=["short types", "merge without space", "merge of three", "numeric tokens", "bos id",
+        "no tokens"])
+def test_damaged_gguf_tokenizer(tmp_path, change, message):
+    path = tokenizer_gguf(tmp_path, **change)
+    assert one_line_error(Tokenizer.from_file, path) == f"{path}: {message}"
+
+
+TOKENIZER_JSON = {
+    "added_tokens": [{"id": 0, "content": "<|endoftext|>", "special": True}],
+    "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+    "post_processor": None, "decoder": {"type": "ByteLevel"},
+    "model": {"type": "BPE", "vocab": {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3},
+              "merges": ["a b"]}}
+
+
+def tokenizer_json(tmp_path, spec):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    return path
+
+
+def test_the_crafted_tokenizer_json_works(tmp_path):
+    tokenizer = Tokenizer.from_file(tokenizer_json(tmp_path, TOKENIZER_JSON))
+    assert tokenizer.encode("ab") == [3]
+
+
+def with_model(**change):
+    return {**TOKENIZER_JSON, "model": {**TOKENIZER_JSON["model"], **change}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    (with_model(merges=[["a", "b", "c"]]),
+     "merge 1 is ['a', 'b', 'c'], not two tokens (\"a b\" or [\"a\", \"b\"])"),
+    (with_model(merges=[[1, 2]]), "token 1 is not a string"),
+    (with_model(merges="a b"), "the merges are str, not a list"),
+    ({k: v for k, v in TOKENIZER_JSON.items() if k != "model"},
+     "not a tokenizer.json (it has no \"model\" object)"),
+    (with_model(vocab={"a": "1"}), "model.vocab must be an object of token → id (a whole number "
+                                   ">= 0)"),
+    ({**TOKENIZER_JSON, "added_tokens": [{"id": "0", "content": "x"}]},
+     "added_tokens must be a list of {\"id\": a whole number >= 0, \"content\": text}"),
+    ({**TOKENIZER_JSON, "pre_tokenizer": ["ByteLevel"]},
+     "the pre_tokenizer must be null or an object with a \"type\" (and a Sequence a list of "
+     "such objects)"),
+    ({**TOKENIZER_JSON, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{}]}},
+     "the pre_tokenizer must be null or an object with a \"type\" (and a Sequence a list of "
+     "such objects)"),
+    ('{"a":' * 50_000 + "1" + "}" * 50_000, "not readable JSON (nested too deeply)"),
+], ids=["merge of three", "merge of numbers", "merges a string", "no model", "ids as strings",
+        "added ids as strings", "pre_tokenizer a list", "step without type", "deep"])
+def test_damaged_tokenizer_json(tmp_path, spec, message):
+    path = tokenizer_json(tmp_path, spec)
+    assert one_line_error(Tokenizer.from_file, path) == f"{path}: {message}"
+
+
+# ---------------------------------------------------------------- data files and text
+
+def test_data_nested_too_deeply(tmp_path):
+    from records import load_records
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert one_line_error(load_records, deep) == (
+        f"{deep}: not valid JSON here (nested too deeply)")
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"instruction": "a", "output": "b"}\n' + '{"a":' * 100_000 + "1"
+                     + "}" * 100_000 + "\n")
+    assert one_line_error(load_records, lines) == (
+        f"{lines}: line 2: not valid JSON here (nested too deeply)")
+
+
+def test_data_that_is_not_a_regular_file(tmp_path):
+    from records import load_records
+    assert one_line_error(load_records, "/dev/zero") == (
+        "/dev/zero is not a regular file (a directory, a device or a pipe); data is a JSON or "
+        "JSON Lines file")
+    assert one_line_error(load_records, tmp_path).startswith(f"{tmp_path} is not a regular file")
+
+
+def test_a_split_that_leaves_no_training_record(tmp_path):
+    from records import split_train_val
+    records = [{"system": None, "turns": []}]
+    assert one_line_error(split_train_val, records, 0.9) == (
+        "the data has 1 record and --val-split 0.9 puts it in the validation set, which leaves "
+        "none to train on; use --val-split 0, or more records")
+    assert split_train_val(records, 0.4) == (records, [])  # rounds to no validation record
+
+
+def test_text_that_is_not_utf8():
+    """A lone surrogate: a JSON escape in a record, or a byte that was not UTF-8 in a command
+    line argument (Python decodes it as U+DC80 + byte)."""
+    from records import normalize_record
+    from tokenizer import ByteTokenizer
+    record = {"instruction": "hi", "output": "a\ud800b"}
+    assert one_line_error(normalize_record, record, "d.json: record 1") == (
+        "d.json: record 1: 'output' is not valid text (character 2 is a lone surrogate, U+D800)")
+    assert one_line_error(ByteTokenizer().encode, "caf\udce9") == (
+        "the text 'caf\\udce9' cannot be tokenized: character 4 is the byte 0xe9, which is not "
+        "UTF-8")
+
+
+# ---------------------------------------------------------------- numbers at the edges
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300, 5e-324])
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (None, 1e-12), (1, None), (1, 1e-12)])
+def test_a_tiny_temperature_picks_the_best_token(temperature, top_k, top_p):
+    """logits/T overflows float32 for T below ~1e-38; softmax of inf is nan, and multinomial
+    refused it. The best token has all the mass, as T → 0 means."""
+    from generate import sample_next
+    logits = torch.tensor([1.0, 3.0, 2.0, 2.999])
+    generator = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, temperature, top_k, top_p, generator) for _ in range(20)}
+    assert picks == {1}
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**63), str(2**70)])
+def test_seeds_beyond_64_bits_are_refused_in_one_line(value):
+    from generate import parse_args
+    assert one_line_error(parse_args, ["--checkpoint", "x", "--seed", value]) == (
+        f"argument --seed: must be an integer in [0, 2**63), got {value}")
+    assert parse_args(["--checkpoint", "x", "--seed", str(2**63 - 1)]).seed == 2**63 - 1
