@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, utf8_problem
 
 ROLES = ("system", "user", "assistant")
 JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -35,12 +35,17 @@ def load_records(path) -> list[dict]:
     Other keys are ignored.
     """
     path = Path(path)  # messages name it as the user typed it
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file not found: {path}")
+    if not path.is_file():  # (reading /dev/zero or a pipe would never end)
+        raise UserError(f"{path} is not a regular file (a directory, a device or a pipe); data "
+                        "is a JSON or JSON Lines file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):  # one JSON array
@@ -49,6 +54,8 @@ def load_records(path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
                             f"{e.msg})") from None
+        except RecursionError:  # json recurses once per level of [ or {
+            raise UserError(f"{path}: not valid JSON here (nested too deeply)") from None
         places = [f"record {number}" for number in range(1, len(items) + 1)]
     else:  # JSON Lines, one record per line: messages name the line, which is what an editor shows
         items, places = [], []
@@ -60,6 +67,9 @@ def load_records(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg}); expected a JSON "
                                 "array of records or JSON Lines (one object per line)") from None
+            except RecursionError:
+                raise UserError(f"{path}: line {lineno}: not valid JSON here (nested too "
+                                "deeply)") from None
             places.append(f"line {lineno}")
     if not items:
         raise UserError(f"{path}: no records")
@@ -105,6 +115,9 @@ def _string(record: dict, key: str, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise UserError(f"{where}: {key!r} must be a string, got {json_type(value)}")
+    problem = utf8_problem(value)
+    if problem:  # JSON's "\ud800" escapes can spell a lone surrogate
+        raise UserError(f"{where}: {key!r} is not valid text ({problem})")
     return value
 
 
@@ -153,6 +166,10 @@ def split_train_val(records: list, val_fraction: float, seed: int = 0) -> tuple[
     n_val = round(len(records) * val_fraction)
     if val_fraction > 0 and len(records) >= 2:
         n_val = min(max(n_val, 1), len(records) - 1)
+    if n_val == len(records) == 1:
+        raise UserError(f"the data has 1 record and --val-split {val_fraction} puts it in the "
+                        "validation set, which leaves none to train on; use --val-split 0, or "
+                        "more records")
     val_indices = set(random.Random(seed).sample(range(len(records)), n_val))
     train = [record for index, record in enumerate(records) if index not in val_indices]
     val = [record for index, record in enumerate(records) if index in val_indices]

@@ -16,7 +16,7 @@ import base64
 import shutil
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, utf8_problem
 
 # Llama-3's pre-tokenizer split (Meta's llama3/tokenizer.py): text is first cut into pieces by
 # this regex (contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces), and
@@ -68,6 +68,10 @@ class Tokenizer:
             raise UserError(f"tokenizer {self.path.name} has no BOS token")
         if eos and self.eos_id is None:
             raise UserError(f"tokenizer {self.path.name} has no EOS token")
+        problem = utf8_problem(text)
+        if problem:
+            shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+            raise UserError(f"the text {shown} cannot be tokenized: {problem}")
         ids = self._encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
