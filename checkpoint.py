@@ -13,6 +13,7 @@ into a model built on the "meta" device (no memory), so a 7B model never needs t
 import json
 import os
 import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, fields as dataclass_fields
@@ -97,9 +98,7 @@ def _first_names(names: list) -> str:
 def read_checkpoint(path):
     """Detect the format from what is on disk: (config, iterator of (file name, our name,
     tensor))."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
+    path = existing_checkpoint(path)
     if path.is_dir() and (path / "config.json").exists():
         return read_hf(path)
     if path.is_dir() and (path / "model_config.json").exists():
@@ -110,25 +109,50 @@ def read_checkpoint(path):
 
     if path.is_dir() and (path / "params.json").exists():
         return formats.read_meta(path)
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.iterdir() if p.is_file())
-    for f in files:
-        if f.suffix == ".pt":
-            return formats.read_llama2c_pt(f)
-        if f.suffix == ".gguf":
-            return gguf_file.read_gguf(f)
-        if f.suffix == ".bin":
-            config = formats.llama2c_bin_config(f)
-            if config:
-                return formats.read_llama2c_bin(f, config)
-        if f.suffix == ".safetensors" and (f.parent / "config.json").exists():
-            return read_hf(f.parent)
+    f = single_file_checkpoint(path)
+    if f is not None and f.suffix == ".pt":
+        return formats.read_llama2c_pt(f)
+    if f is not None and f.suffix == ".gguf":
+        return gguf_file.read_gguf(f)
+    if f is not None:
+        return formats.read_llama2c_bin(f, formats.llama2c_bin_config(f))
+    if path.suffix == ".safetensors" and (path.parent / "config.json").exists():
+        return read_hf(path.parent)
     raise UserError(f"{path}: no checkpoint found. Expected a Hugging Face directory (config.json "
                     "+ model*.safetensors or pytorch_model*.bin), a Meta directory (params.json + "
                     "consolidated.*.pth), a llama2.c model (.bin with its 7-int header, or .pt), a "
                     ".gguf file, or this project's model_config.json + model.safetensors")
+
+
+def single_file_checkpoint(path: Path) -> Path | None:
+    """The file a one-file checkpoint is read from: `path` itself, or the first file of the
+    folder `path` (by name) that is a .pt, a .gguf or a llama2.c .bin; None if there is none."""
+    import formats
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files:
+        if f.suffix in (".pt", ".gguf") or (f.suffix == ".bin" and formats.llama2c_bin_config(f)):
+            return f
+    return None
+
+
+# What a name on the Hugging Face Hub looks like: owner/name, no file suffix of a model file.
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+MODEL_SUFFIXES = (".gguf", ".bin", ".pt", ".pth", ".safetensors", ".json", ".model")
+
+
+def existing_checkpoint(path) -> Path:
+    """`path` as a Path if it exists; else a UserError that says so, and what to do when it
+    looks like a Hugging Face Hub name (nothing is downloaded here)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    text = str(path)
+    if HUB_NAME.fullmatch(text) and not text.endswith(MODEL_SUFFIXES):
+        raise UserError(f"checkpoint not found: {path}. If it is a Hugging Face Hub name: this "
+                        "project reads only files on this machine and downloads nothing; "
+                        f"download it first (huggingface-cli download {path} --local-dir DIR, or "
+                        f"git clone https://huggingface.co/{path} DIR) and pass that folder")
+    raise UserError(f"checkpoint not found: {path}")
 
 
 # ---------------------------------------------------------------- Hugging Face

@@ -8,6 +8,7 @@ Both use Meta's tensor names (`layers.0.attention.wq.weight`) and Meta's q/k row
 ours: only the names change. Each reader returns (config, iterator of (name in the file, our
 name, tensor)), like those of checkpoint.py, which picks the reader (read_checkpoint).
 """
+import math
 import struct
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def _llama2c_layout(c: ModelConfig):
 
 
 def _llama2c_floats(c: ModelConfig) -> int:
-    return sum(int(np.prod(shape)) for _, shape in _llama2c_layout(c))
+    # (math.prod: Python's ints, where numpy's int64 product of a crafted header could wrap)
+    return sum(math.prod(shape) for _, shape in _llama2c_layout(c))
 
 
 def read_llama2c_bin(path: Path, config: ModelConfig):
@@ -201,7 +203,7 @@ def read_llama2c_bin(path: Path, config: ModelConfig):
     def tensors():
         offset = 0
         for name, shape in _llama2c_layout(config):
-            n = int(np.prod(shape))
+            n = math.prod(shape)
             t = torch.from_numpy(data[offset:offset + n].reshape(shape))
             offset += n
             if name.startswith("freq_cis"):

@@ -118,17 +118,18 @@ def _is_tiktoken_line(line: bytes) -> bool:
 
 def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     """`tokenizer` (a --tokenizer path) if given; else the byte-level BPE tokenizer embedded in a
-    .gguf checkpoint; else the tokenizer in the checkpoint's directory: the checkpoint itself when
-    it is a directory, else the directory of the checkpoint file (stories260K.gguf embeds a
-    SentencePiece vocabulary, and its tok512.model lies beside it)."""
-    checkpoint = Path(checkpoint)
+    .gguf checkpoint (or in the .gguf a checkpoint folder holds); else the tokenizer in the
+    checkpoint's directory: the checkpoint itself when it is a directory, else the directory of
+    the checkpoint file (stories260K.gguf embeds a SentencePiece vocabulary, and its
+    tok512.model lies beside it)."""
+    from checkpoint import existing_checkpoint, single_file_checkpoint
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
-    if not checkpoint.exists():
-        raise UserError(f"checkpoint not found: {checkpoint}")
-    if checkpoint.is_file() and _is_gguf(checkpoint):
+    checkpoint = existing_checkpoint(checkpoint)
+    model_file = single_file_checkpoint(checkpoint)  # (a folder may hold a .gguf)
+    if model_file is not None and _is_gguf(model_file):
         from bpe import gguf_tokenizer
-        embedded = gguf_tokenizer(checkpoint, required=False)
+        embedded = gguf_tokenizer(model_file, required=False)
         if embedded is not None:
             return embedded
     return Tokenizer.from_file(checkpoint if checkpoint.is_dir() else checkpoint.parent)

@@ -483,3 +483,30 @@ def test_seeds_beyond_64_bits_are_refused_in_one_line(value):
     assert one_line_error(parse_args, ["--checkpoint", "x", "--seed", value]) == (
         f"argument --seed: must be an integer in [0, 2**63), got {value}")
     assert parse_args(["--checkpoint", "x", "--seed", str(2**63 - 1)]).seed == 2**63 - 1
+
+
+# ---------------------------------------------------------------- finding the checkpoint
+
+def test_a_folder_that_holds_a_gguf_is_a_checkpoint(tmp_path):
+    """llama.cpp models are often kept in a folder of their own: the folder finds its .gguf,
+    and the tokenizer embedded in it."""
+    tokenizer_entries = [text("tokenizer.ggml.model", "gpt2"), text("tokenizer.ggml.pre", "gpt2"),
+                         strings("tokenizer.ggml.tokens", list("abcdefghijklmnop"))]
+    write(tmp_path / "tiny.gguf", gguf_bytes(model_metadata() + tokenizer_entries,
+                                             tiny_tensors()))
+    (tmp_path / "README.md").write_text("a model")
+    _, config = load_checkpoint(tmp_path)
+    assert config.vocab_size == 16
+    assert checkpoint_tokenizer(tmp_path).encode("dad") == [3, 0, 3]
+
+
+@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B"])
+def test_a_hub_name_says_that_nothing_is_downloaded(name):
+    message = (f"checkpoint not found: {name}. If it is a Hugging Face Hub name: this project "
+               "reads only files on this machine and downloads nothing; download it first "
+               f"(huggingface-cli download {name} --local-dir DIR, or git clone "
+               f"https://huggingface.co/{name} DIR) and pass that folder")
+    assert one_line_error(read_checkpoint, name) == message
+    assert one_line_error(checkpoint_tokenizer, name) == message
+    assert one_line_error(read_checkpoint, "models/missing.gguf") == (
+        "checkpoint not found: models/missing.gguf")
