@@ -14,6 +14,7 @@ import numpy as np
 
 from checkpoint import read_json, write_json
 from errors import UserError
+from records import json_type
 from tokenizer import LLAMA3_PATTERN, Tokenizer
 
 # Pre-tokenizer patterns. Text is first cut into pieces by one of these regexes; each piece is
@@ -164,7 +165,7 @@ def merge_pairs(merges, path: Path) -> list:
     files). GPT-2's alphabet writes a space as 'Ġ', so the space in "Ġ t" only separates the two
     parts."""
     if not isinstance(merges, list):
-        raise UserError(f"{path}: the merges are {type(merges).__name__}, not a list")
+        raise UserError(f"{path}: the merges must be a list, got {json_type(merges)}")
     pairs = []
     for number, merge in enumerate(merges, 1):
         parts = merge.split(" ") if isinstance(merge, str) else merge

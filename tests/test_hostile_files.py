@@ -9,7 +9,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import gguf_file
 from checkpoint import load_checkpoint, read_checkpoint, read_torch_file
@@ -310,6 +309,24 @@ def test_our_own_format_with_unknown_keys_or_too_many_layers(tmp_path):
         f"{path}: not a model config of this project (unknown keys: layers)")
 
 
+def test_meta_and_llama2c_configs_of_the_wrong_type(tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.save({"tok_embeddings.weight": torch.zeros(16, 8)}, meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps({"dim": 8, "n_layers": "1", "n_heads": 2}))
+    assert one_line_error(load_checkpoint, meta) == (
+        f"{meta / 'params.json'}: n_layers is '1', but it must be a whole number >= 1")
+    (meta / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 10**7, "n_heads": 2}))
+    assert one_line_error(load_checkpoint, meta) == (
+        f"{meta}: the config says 10000000 layers, but the file holds 1 tensors, too few for "
+        "that (9 per layer)")
+    state = {"layers.0.feed_forward.w1.weight": torch.zeros(16, 8)}
+    args = {"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": 16, "norm_eps": "tiny"}
+    torch.save({"model": state, "model_args": args}, tmp_path / "ckpt.pt")
+    assert one_line_error(load_checkpoint, tmp_path / "ckpt.pt") == (
+        f"{tmp_path / 'ckpt.pt'}: norm_eps is 'tiny', but it must be a finite number > 0")
+
+
 def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path):
     class RunsCode:
         def __reduce__(self):
@@ -397,7 +414,8 @@ def with_model(**change):
     (with_model(merges=[["a", "b", "c"]]),
      "merge 1 is ['a', 'b', 'c'], not two tokens (\"a b\" or [\"a\", \"b\"])"),
     (with_model(merges=[[1, 2]]), "token 1 is not a string"),
-    (with_model(merges="a b"), "the merges are str, not a list"),
+    (with_model(merges="a b"), "the merges must be a list, got a string"),
+    (with_model(merges=None), "the merges must be a list, got null"),
     ({k: v for k, v in TOKENIZER_JSON.items() if k != "model"},
      "not a tokenizer.json (it has no \"model\" object)"),
     (with_model(vocab={"a": "1"}), "model.vocab must be an object of token → id (a whole number "
@@ -411,7 +429,7 @@ def with_model(**change):
      "the pre_tokenizer must be null or an object with a \"type\" (and a Sequence a list of "
      "such objects)"),
     ('{"a":' * 50_000 + "1" + "}" * 50_000, "not readable JSON (nested too deeply)"),
-], ids=["merge of three", "merge of numbers", "merges a string", "no model", "ids as strings",
+], ids=["merge of three", "merge of numbers", "merges a string", "no merges", "no model", "ids as strings",
         "added ids as strings", "pre_tokenizer a list", "step without type", "deep"])
 def test_damaged_tokenizer_json(tmp_path, spec, message):
     path = tokenizer_json(tmp_path, spec)
