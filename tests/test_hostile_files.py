@@ -430,7 +430,8 @@ def with_model(**change):
      "such objects)"),
     ('{"a":' * 50_000 + "1" + "}" * 50_000, "not readable JSON (nested too deeply)"),
 ], ids=["merge of three", "merge of numbers", "merges a string", "no merges", "no model",
-        "ids as strings", "added ids as strings", "pre_tokenizer a list", "step without type", "deep"])
+        "ids as strings", "added ids as strings", "pre_tokenizer a list", "step without type",
+        "deep"])
 def test_damaged_tokenizer_json(tmp_path, spec, message):
     path = tokenizer_json(tmp_path, spec)
     assert one_line_error(Tokenizer.from_file, path) == f"{path}: {message}"
