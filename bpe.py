@@ -10,8 +10,11 @@ tokenizer.py's `Tokenizer.from_file` comes here for .gguf and .json files.
 import json
 from pathlib import Path
 
+import numpy as np
+
 from checkpoint import read_json, write_json
 from errors import UserError
+from records import json_type
 from tokenizer import LLAMA3_PATTERN, Tokenizer, read_chat_template
 
 # Pre-tokenizer patterns. Text is first cut into pieces by one of these regexes; each piece is
@@ -74,7 +77,15 @@ class BPETokenizer(Tokenizer):
                                           special_tokens={})
         self.bytes_of_id = {i: token for token, i in vocab.items()}
         self.bytes_of_id.update({i: text.encode("utf-8") for text, i in special.items()})
+        if not self.bytes_of_id:
+            raise UserError(f"{path}: the vocabulary is empty")
         self.vocab_size = max(self.bytes_of_id) + 1
+        for name, i in (("BOS", bos_id), ("EOS", eos_id)):
+            if i is not None and (type(i) is not int or i not in self.bytes_of_id):
+                raise UserError(f"{path}: the {name} token id {i!r} is not a token's id")
+        if not isinstance(chat_template, (str, type(None))):
+            raise UserError(f"{path}: the chat template is {type(chat_template).__name__}, not "
+                            "text")
         self.bos_id = bos_id
         self.eos_id = eos_id
         stops = {eos_id} | {special[token] for token in STOP_TOKENS if token in special}
@@ -126,11 +137,14 @@ def gpt2_byte_of_char() -> dict:
 BYTE_OF_CHAR = gpt2_byte_of_char()
 
 
-def gpt2_token_bytes(token: str) -> bytes:
+def gpt2_token_bytes(token: str, path: Path) -> bytes:
+    """The bytes a token of the file at `path` stands for."""
+    if not isinstance(token, str):
+        raise UserError(f"{path}: token {token!r} is not a string")
     try:
         return bytes([BYTE_OF_CHAR[char] for char in token])
     except KeyError as e:
-        raise UserError(f"token {token!r} has a character outside GPT-2's byte alphabet "
+        raise UserError(f"{path}: token {token!r} has a character outside GPT-2's byte alphabet "
                         f"({e.args[0]!r}): not a byte-level BPE vocabulary") from None
 
 
@@ -141,12 +155,20 @@ def gpt2_token_text(token: bytes) -> str:
     return "".join(CHAR_OF_BYTE[b] for b in token)
 
 
-def _merge_pair(merge) -> tuple:
-    """(left, right) bytes of a merge written "Ġ t" (older files, GGUF) or ["Ġ", "t"] (newer
+def merge_pairs(merges, path: Path) -> list:
+    """[(left, right) bytes] of merges written "Ġ t" (older files, GGUF) or ["Ġ", "t"] (newer
     files). GPT-2's alphabet writes a space as 'Ġ', so the space in "Ġ t" only separates the two
     parts."""
-    left, right = merge.split(" ") if isinstance(merge, str) else merge
-    return gpt2_token_bytes(left), gpt2_token_bytes(right)
+    if not isinstance(merges, list):
+        raise UserError(f"{path}: the merges must be a list, got {json_type(merges)}")
+    pairs = []
+    for number, merge in enumerate(merges, 1):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(parts, list) or len(parts) != 2 or not all(parts):
+            raise UserError(f"{path}: merge {number} is {merge!r}, not two tokens (\"a b\" or "
+                            "[\"a\", \"b\"])")
+        pairs.append((gpt2_token_bytes(parts[0], path), gpt2_token_bytes(parts[1], path)))
+    return pairs
 
 
 # -- Hugging Face tokenizer.json ------------------------------------------------------------------
@@ -156,22 +178,24 @@ def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
     chat_template) and `chat_template.jinja` beside it when present. All its added_tokens count
     as special: templates insert them by id, and their text in user text stays plain text."""
     path = Path(path)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable tokenizer.json ({e})") from None
-    if "model" not in spec:
-        raise UserError(f"{path}: not a tokenizer.json (it has no \"model\")")
+    spec = read_json(path)
+    if not isinstance(spec.get("model"), dict):
+        raise UserError(f"{path}: not a tokenizer.json (it has no \"model\" object)")
+    _check_parts(spec, path)
     model = spec["model"]
     problem = _unsupported_part(spec)
     if problem:
         raise UserError(f"{path}: {problem} is beyond this project's byte-level BPE reader; "
                         "use the model's tokenizer.model (SentencePiece or tiktoken) instead")
-    special = {added["content"]: added["id"] for added in spec.get("added_tokens", [])}
+    special = _added_tokens(spec.get("added_tokens") or [], path)
     special_ids = set(special.values())
-    vocab = {gpt2_token_bytes(token): i for token, i in model["vocab"].items()
+    vocab_texts = model.get("vocab")
+    if not isinstance(vocab_texts, dict) or not all(map(_is_id, vocab_texts.values())):
+        raise UserError(f"{path}: model.vocab must be an object of token → id (a whole number "
+                        ">= 0)")
+    vocab = {gpt2_token_bytes(token, path): i for token, i in vocab_texts.items()
              if i not in special_ids}
-    merges = [_merge_pair(merge) for merge in model["merges"]]
+    merges = merge_pairs(model.get("merges"), path)
     config_path = path.with_name("tokenizer_config.json")
     config = read_json(config_path) if config_path.is_file() else {}
     bos_token = _token_text(config.get("bos_token"))
@@ -182,6 +206,36 @@ def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
     return BPETokenizer(path, vocab, merges, special, _pre_tokenizer_pattern(spec["pre_tokenizer"]),
                         bos_id=special.get(bos_token), eos_id=special.get(eos_token),
                         add_bos=add_bos, chat_template=read_chat_template(path, config))
+
+
+def _is_id(value) -> bool:
+    return type(value) is int and value >= 0  # (not True)
+
+
+def _added_tokens(added: list, path: Path) -> dict:
+    """tokenizer.json's added_tokens [{"id", "content", ...}] → {content: id}."""
+    if not isinstance(added, list) or not all(
+            isinstance(token, dict) and isinstance(token.get("content"), str)
+            and _is_id(token.get("id")) for token in added):
+        raise UserError(f"{path}: added_tokens must be a list of {{\"id\": a whole number >= 0, "
+                        "\"content\": text}")
+    return {token["content"]: token["id"] for token in added}
+
+
+def _check_parts(spec: dict, path: Path):
+    """The pipeline parts of a tokenizer.json are null or {"type": ...}, and a Sequence lists
+    parts of that shape: what the readers below may assume."""
+    for name in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        part = spec.get(name)
+        if part is None:
+            continue
+        steps = part.get("pretokenizers", part.get("processors", [])) if isinstance(
+            part, dict) else None
+        if not isinstance(steps, list) or not all(
+                isinstance(step, dict) and isinstance(step.get("type"), str)
+                for step in [part, *steps]):
+            raise UserError(f"{path}: the {name} must be null or an object with a \"type\" "
+                            "(and a Sequence a list of such objects)")
 
 
 def _unsupported_part(spec: dict) -> str | None:
@@ -212,6 +266,8 @@ def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str | None:
     if pre_tokenizer is None:
         return None
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    if not steps:
+        return None
     kinds = [step["type"] for step in steps]
     byte_level = steps[-1]
     if kinds[-1] != "ByteLevel" or byte_level.get("add_prefix_space"):
@@ -222,15 +278,18 @@ def _pre_tokenizer_pattern(pre_tokenizer: dict | None) -> str | None:
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and uses_regex:
         return DIGITS_PATTERN
     split = steps[0]
-    if (kinds == ["Split", "ByteLevel"] and "Regex" in split["pattern"] and not uses_regex
+    pattern = split.get("pattern")
+    if (kinds == ["Split", "ByteLevel"] and isinstance(pattern, dict)
+            and isinstance(pattern.get("Regex"), str) and not uses_regex
             and split.get("behavior") == "Isolated" and not split.get("invert")):
-        return split["pattern"]["Regex"]
+        return pattern["Regex"]
     return None
 
 
 def _token_text(token) -> str | None:
     """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
-    return token.get("content") if isinstance(token, dict) else token
+    text = token.get("content") if isinstance(token, dict) else token
+    return text if isinstance(text, str) else None
 
 
 def _template_starts_with(post_processor: dict | None, token: str | None) -> bool:
@@ -239,8 +298,10 @@ def _template_starts_with(post_processor: dict | None, token: str | None) -> boo
         return False
     for step in post_processor.get("processors", [post_processor]):
         if step["type"] == "TemplateProcessing":
-            first = step["single"][0]
-            return first.get("SpecialToken", {}).get("id") == token
+            single = step.get("single")
+            first = single[0] if isinstance(single, list) and single else {}
+            special = first.get("SpecialToken") if isinstance(first, dict) else None
+            return isinstance(special, dict) and special.get("id") == token
     return False
 
 
@@ -265,12 +326,18 @@ def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
     if pre not in GGUF_PRE_PATTERNS:
         raise UserError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre = {pre!r} "
                         f"(known: {', '.join(GGUF_PRE_PATTERNS)})")
-    tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
+        raise UserError(f"{path}: tokenizer.ggml.tokens is not an array of strings")
+    types = meta.get("tokenizer.ggml.token_type", np.ones(len(tokens), np.int32))
+    if not isinstance(types, np.ndarray) or types.dtype.kind not in "iu" or \
+            len(types) != len(tokens):
+        raise UserError(f"{path}: tokenizer.ggml.token_type must be an array of integers, one "
+                        f"for each of the {len(tokens)} tokens")
     special = {token: i for i, token in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)}
-    vocab = {gpt2_token_bytes(token): i for i, token in enumerate(tokens)
+    vocab = {gpt2_token_bytes(token, path): i for i, token in enumerate(tokens)
              if types[i] not in (CONTROL, USER_DEFINED)}
-    merges = [_merge_pair(merge) for merge in meta.get("tokenizer.ggml.merges", [])]
+    merges = merge_pairs(meta.get("tokenizer.ggml.merges", []), path)
     # llama.cpp starts Llama-3 prompts with BOS unless the file says otherwise, others not.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", pre == "llama-bpe")
     return BPETokenizer(path, vocab, merges, special, GGUF_PRE_PATTERNS[pre],

@@ -12,16 +12,20 @@ into a model built on the "meta" device (no memory), so a 7B model never needs t
 """
 import json
 import os
+import pickle
+import re
 import tempfile
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, fields as dataclass_fields
 from pathlib import Path
 
 import torch
 
 from errors import UserError, disk_full_cause
-from model import ModelConfig, Transformer
+from model import FLAG, LLAMA3_SCALING_RULES, POSITIVE, SIZE, ModelConfig, Rule, Transformer
 from projections import is_target, replace_module
 from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
+from records import json_type
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = False):
@@ -94,9 +98,7 @@ def _first_names(names: list) -> str:
 def read_checkpoint(path):
     """Detect the format from what is on disk: (config, iterator of (file name, our name,
     tensor))."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
+    path = existing_checkpoint(path)
     if path.is_dir() and (path / "config.json").exists():
         return read_hf(path)
     if path.is_dir() and (path / "model_config.json").exists():
@@ -107,25 +109,50 @@ def read_checkpoint(path):
 
     if path.is_dir() and (path / "params.json").exists():
         return formats.read_meta(path)
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.iterdir() if p.is_file())
-    for f in files:
-        if f.suffix == ".pt":
-            return formats.read_llama2c_pt(f)
-        if f.suffix == ".gguf":
-            return gguf_file.read_gguf(f)
-        if f.suffix == ".bin":
-            config = formats.llama2c_bin_config(f)
-            if config:
-                return formats.read_llama2c_bin(f, config)
-        if f.suffix == ".safetensors" and (f.parent / "config.json").exists():
-            return read_hf(f.parent)
+    f = single_file_checkpoint(path)
+    if f is not None and f.suffix == ".pt":
+        return formats.read_llama2c_pt(f)
+    if f is not None and f.suffix == ".gguf":
+        return gguf_file.read_gguf(f)
+    if f is not None:
+        return formats.read_llama2c_bin(f, formats.llama2c_bin_config(f))
+    if path.suffix == ".safetensors" and (path.parent / "config.json").exists():
+        return read_hf(path.parent)
     raise UserError(f"{path}: no checkpoint found. Expected a Hugging Face directory (config.json "
                     "+ model*.safetensors or pytorch_model*.bin), a Meta directory (params.json + "
                     "consolidated.*.pth), a llama2.c model (.bin with its 7-int header, or .pt), a "
                     ".gguf file, or this project's model_config.json + model.safetensors")
+
+
+def single_file_checkpoint(path: Path) -> Path | None:
+    """The file a one-file checkpoint is read from: `path` itself, or the first file of the
+    folder `path` (by name) that is a .pt, a .gguf or a llama2.c .bin; None if there is none."""
+    import formats
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files:
+        if f.suffix in (".pt", ".gguf") or (f.suffix == ".bin" and formats.llama2c_bin_config(f)):
+            return f
+    return None
+
+
+# What a name on the Hugging Face Hub looks like: owner/name, no file suffix of a model file.
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+MODEL_SUFFIXES = (".gguf", ".bin", ".pt", ".pth", ".safetensors", ".json", ".model")
+
+
+def existing_checkpoint(path) -> Path:
+    """`path` as a Path if it exists; else a UserError that says so, and what to do when it
+    looks like a Hugging Face Hub name (nothing is downloaded here)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    text = str(path)
+    if HUB_NAME.fullmatch(text) and not text.endswith(MODEL_SUFFIXES):
+        raise UserError(f"checkpoint not found: {path}. If it is a Hugging Face Hub name: this "
+                        "project reads only files on this machine and downloads nothing; "
+                        f"download it first (huggingface-cli download {path} --local-dir DIR, or "
+                        f"git clone https://huggingface.co/{path} DIR) and pass that folder")
+    raise UserError(f"checkpoint not found: {path}")
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -147,31 +174,19 @@ HF_LAYER_NAMES = {  # ours: Hugging Face's, within one block
     "mlp.down_proj.weight": "mlp.down_proj.weight",
     "mlp.up_proj.weight": "mlp.up_proj.weight",
 }
-# The keys of config.json that hold sizes: each must be a whole number >= 1 where given.
-HF_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings")
-
-
 def read_hf(d: Path):
     """config.json and the weights: one file, or the shards an index lists. q/k rows are put
     back in Meta's order (hf_permute) as they are read."""
     config = config_from_hf(read_json(d / "config.json"), d / "config.json")
-    names = hf_names(config.n_layers)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (d / index_name).exists():
-            files = sorted({d / f for f in read_json(d / index_name)["weight_map"].values()})
-            break
-    else:
-        files = [f for f in (d / "model.safetensors", d / "pytorch_model.bin") if f.exists()]
-    if not files:
-        raise UserError(f"{d}: config.json but no weights (expected model.safetensors, "
-                        "model.safetensors.index.json with shards, or pytorch_model.bin)")
+    files = _hf_weight_files(d)
     if files[0].suffix == ".safetensors":
+        check_layer_count(d, config, _count_safetensors(files))
         items = _read_safetensors(files)
     else:
-        items = (kv for f in files for kv in read_torch_file(f).items())
+        loaded = [read_state_dict(f) for f in files]  # (memory-mapped: no RAM copy)
+        check_layer_count(d, config, sum(len(state) for state in loaded))
+        items = (kv for state in loaded for kv in state.items())
+    names = hf_names(config.n_layers)
 
     def tensors():
         for key, t in items:
@@ -185,36 +200,54 @@ def read_hf(d: Path):
     return config, tensors()
 
 
+def _hf_weight_files(d: Path) -> list:
+    """The weight files of a Hugging Face directory: the shards its index lists, else the one
+    file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = d / index_name
+        if index_path.exists():
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise UserError(f"{index_path}: no \"weight_map\" object of tensor name → "
+                                "shard file name")
+            return sorted({d / f for f in weight_map.values()})
+    files = [f for f in (d / "model.safetensors", d / "pytorch_model.bin") if f.exists()]
+    if not files:
+        raise UserError(f"{d}: config.json but no weights (expected model.safetensors, "
+                        "model.safetensors.index.json with shards, or pytorch_model.bin)")
+    return files
+
+
 def config_from_hf(c: dict, path="config.json") -> ModelConfig:
     """From a Hugging Face `config.json` of a LlamaForCausalLM (transformers 4 or 5 spelling);
     `path` names the file in error messages."""
-    for key in HF_SIZE_KEYS:
-        value = c.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UserError(f"{path}: {key} is {value!r}, but it must be a whole number >= 1")
+    def value(key, rule, default=REQUIRED, values=c):
+        return config_value(values, key, path, rule, default)
     # transformers 5 merged rope_theta and rope_scaling into rope_parameters
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = value("rope_parameters", OBJECT, None) or value("rope_scaling", OBJECT, None) or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise UserError(f"rope type {kind!r} is not supported (only the default and 'llama3')")
-    try:
-        scaling = None
-        if kind == "llama3":
-            scaling = {k: rope[k] for k in LLAMA3_ROPE_KEYS}
-        return ModelConfig(dim=c["hidden_size"],
-                           n_layers=c["num_hidden_layers"],
-                           n_heads=c["num_attention_heads"],
-                           n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                           ffn_hidden=c["intermediate_size"],
-                           vocab_size=c["vocab_size"],
-                           norm_eps=c.get("rms_norm_eps", 1e-6),
-                           rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                           rope_scaling=scaling,
-                           max_seq_len=c.get("max_position_embeddings", 4096),
-                           tie_embeddings=c.get("tie_word_embeddings", False),
-                           head_dim=c.get("head_dim"))
-    except KeyError as e:
-        raise UserError(f"{path}: not a Llama model config (no {e} entry)") from None
+        raise UserError(f"{path}: rope type {kind!r} is not supported (only the default and "
+                        "'llama3')")
+    scaling = None
+    if kind == "llama3":
+        scaling = {key: value(key, rule, values=rope)
+                   for key, rule in LLAMA3_SCALING_RULES.items()}
+    dim = value("hidden_size", SIZE)
+    n_layers = value("num_hidden_layers", SIZE)
+    n_heads = value("num_attention_heads", SIZE)
+    return model_config(path, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                        n_kv_heads=value("num_key_value_heads", SIZE, n_heads),
+                        ffn_hidden=value("intermediate_size", SIZE),
+                        vocab_size=value("vocab_size", SIZE),
+                        norm_eps=value("rms_norm_eps", POSITIVE, 1e-6),
+                        rope_theta=value("rope_theta", POSITIVE, None)
+                        or value("rope_theta", POSITIVE, 10000.0, values=rope),
+                        rope_scaling=scaling,
+                        max_seq_len=value("max_position_embeddings", SIZE, 4096),
+                        tie_embeddings=value("tie_word_embeddings", FLAG, False),
+                        head_dim=value("head_dim", SIZE, None))
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -271,8 +304,16 @@ def name_map(names: dict, layer_names: dict, layer_prefix: str, n_layers: int) -
 
 def read_own(d: Path):
     """model_config.json (our ModelConfig's fields) + model.safetensors under our names."""
-    config = ModelConfig(**read_json(d / "model_config.json"))
-    return config, ((k, k, t) for k, t in _read_safetensors([d / "model.safetensors"]))
+    path = d / "model_config.json"
+    fields = read_json(path)
+    unknown = sorted(fields.keys() - {field.name for field in dataclass_fields(ModelConfig)})
+    if unknown:
+        raise UserError(f"{path}: not a model config of this project (unknown keys: "
+                        f"{', '.join(unknown)})")
+    config = model_config(path, **fields)
+    weights = [d / "model.safetensors"]
+    check_layer_count(d, config, _count_safetensors(weights))
+    return config, ((k, k, t) for k, t in _read_safetensors(weights))
 
 
 def save_checkpoint(model: Transformer, directory):
@@ -344,30 +385,122 @@ def write_json(path, obj):
 
 # ---------------------------------------------------------------- reading files (formats.py too)
 
-def read_json(path: Path) -> dict:
+REQUIRED = object()  # config_value's default for a key the file must have
+OBJECT = Rule("an object", lambda value: isinstance(value, dict))
+
+
+def config_value(values: dict, key: str, path, rule: Rule, default=REQUIRED):
+    """values[key] (config.json, params.json, GGUF metadata, ...), or `default` where it is
+    absent or null, checked against `rule` (model.py): one line naming the file and the key
+    where it is not what the rule says. Every reader of a model's config takes values here."""
+    value = values.get(key)
+    if value is None and default is REQUIRED:
+        raise UserError(f"{path}: not a Llama model config (no {key!r} entry)")
+    if value is None:
+        return default
+    if not rule.holds(value):
+        raise UserError(f"{path}: {key} is {value!r}, but it must be {rule.text}")
+    return value
+
+
+def model_config(path, **fields) -> ModelConfig:
+    """ModelConfig(**fields) of values read from `path`: what its own checks find names the
+    file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return ModelConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_layer_count(path, config: ModelConfig, n_tensors: int):
+    """A config must not claim more layers than the file holds tensors for (each layer has
+    len(HF_LAYER_NAMES) = 9). Checked before anything is built per layer (a name table, the
+    modules), so a small file that claims 10**7 layers is one line, not gigabytes of memory."""
+    per_layer = len(HF_LAYER_NAMES)
+    if config.n_layers * per_layer > n_tensors:
+        raise UserError(f"{path}: the config says {config.n_layers} layers, but the file holds "
+                        f"{n_tensors} tensors, too few for that ({per_layer} per layer)")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file that holds an object (config.json, an index, params.json, ...)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from None
+    except RecursionError:  # json recurses once per level of [ or {
+        raise UserError(f"{path}: not readable JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object {{...}}, but the file holds "
+                        f"{json_type(value)}")
+    return value
+
+
+def read_state_dict(path: Path) -> dict:
+    """A torch.save'd {name: tensor}: pytorch_model.bin, Meta's consolidated.*.pth."""
+    return state_dict_of(path, read_torch_file(path))
+
+
+def state_dict_of(path: Path, state) -> dict:
+    """`state` (read from `path`), if it is a {name: tensor}."""
+    if not isinstance(state, dict) or not all(
+            isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in state.items()):
+        raise UserError(f"{path}: expected a state dict (tensors by name), but it holds "
+                        "other things")
+    return state
 
 
 def read_torch_file(path: Path) -> dict:
     """A file written by torch.save, read without running code from it (weights_only: a
-    checkpoint is untrusted input) and without a RAM copy (mmap)."""
+    checkpoint is untrusted input) and without a RAM copy (mmap). Holds a dict."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: it holds more than tensors and plain data, which "
+                        f"could run code when loaded ({_refusal_reason(str(e))}); this project "
+                        "loads only what torch.load(weights_only=True) accepts") from None
     except Exception as e:
+        reason = " ".join(str(e).split())  # (torch's messages can span lines)
         raise UserError(f"{path}: cannot be read as a PyTorch checkpoint "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {reason})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a dict saved by torch.save, but it holds "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _refusal_reason(message: str) -> str:
+    """What a file asked for, from torch's page-long weights_only refusal (a note on the
+    default, advice, the reason on a line of its own, a link), in the words torch uses."""
+    for line in message.splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line.lower().startswith(("unsupported", "trying to load unsupported")):
+            return line.split(". ")[0].rstrip(".")
+    return "torch.load(weights_only=True) refused it"
+
+
+def _count_safetensors(files) -> int:
+    """How many tensors the files hold, from their headers (nothing is loaded)."""
+    count = 0
+    for f in files:
+        with _open_safetensors(f) as st:
+            count += len(st.keys())
+    return count
 
 
 def _read_safetensors(files):
     """(name, tensor) of every tensor of the files, one at a time."""
-    from safetensors import SafetensorError, safe_open
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    yield key, st.get_tensor(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # (its own type too)
-            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+        with _open_safetensors(f) as st:
+            for key in st.keys():
+                yield key, st.get_tensor(key)
+
+
+@contextmanager
+def _open_safetensors(f: Path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            yield st
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # (its own type too)
+        raise UserError(f"{f}: not a readable safetensors file ({e})") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 import data
 import default_model
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
-                    non_negative_float, non_negative_int, positive_float, positive_int)
+                    non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from lora import parse_targets
 from model import PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
@@ -136,7 +136,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)")
     a("--sample-prompt", help="instruction answered at each evaluation (default: the first "
       "validation record)")
-    a("--seed", type=int, default=d.seed, help="seed for adapter init, data order and dropout")
+    a("--seed", type=seed, default=d.seed,
+      help="seed for adapter init, data order and dropout, in [0, 2**63)")
     a("--precision", choices=list(PRECISIONS),
       help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
     a("--grad-ckpt", action="store_true",

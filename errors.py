@@ -30,6 +30,22 @@ def run_cli(main, argv=None):
         sys.exit(130)
 
 
+# ---------------------------------------------------------------- text
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8, which every tokenizer reads, or None. Python holds
+    such text with a lone surrogate: a byte that was not UTF-8 on the command line (decoded as
+    U+DC80..U+DCFF, "surrogateescape"), or a JSON escape such as "\\ud800"."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        if 0xDC80 <= char <= 0xDCFF:
+            return f"character {e.start + 1} is the byte {char - 0xDC00:#x}, which is not UTF-8"
+        return f"character {e.start + 1} is a lone surrogate, U+{char:04X}"
+
+
 # ---------------------------------------------------------------- a full disk
 
 # What torch.save raises when its writer fails: it does not say why, and on a local disk the
@@ -115,6 +131,15 @@ def non_negative_float(text: str) -> float:
     value = _number(text, float, "a number >= 0")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63), which every generator takes (torch's stops at
+    64 bits, and ranks add their index to it)."""
+    value = _number(text, int, "an integer in [0, 2**63)")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
     return value
 
 

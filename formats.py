@@ -8,15 +8,17 @@ Both use Meta's tensor names (`layers.0.attention.wq.weight`) and Meta's q/k row
 ours: only the names change. Each reader returns (config, iterator of (name in the file, our
 name, tensor)), like those of checkpoint.py, which picks the reader (read_checkpoint).
 """
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import name_map, read_json, read_torch_file
+from checkpoint import (REQUIRED, check_layer_count, config_value, model_config, name_map,
+                        read_json, read_state_dict, read_torch_file, state_dict_of)
 from errors import UserError
-from model import ModelConfig, Transformer, llama3_scaling
+from model import FLAG, POSITIVE, SIZE, ModelConfig, Transformer, llama3_scaling
 
 META_NAMES = {  # ours: Meta's
     "embed_tokens.weight": "tok_embeddings.weight",
@@ -49,11 +51,18 @@ def read_meta(d: Path):
     if not shards:
         raise UserError(f"{d}: params.json but no consolidated.*.pth weights")
     params = read_json(d / "params.json")
-    loaded = [read_torch_file(f) for f in shards]
-    vocab_size = loaded[0]["tok_embeddings.weight"].shape[0]
-    config = config_from_meta(params, vocab_size=vocab_size)
+    loaded = [read_state_dict(f) for f in shards]
+    embedding = loaded[0].get("tok_embeddings.weight")
+    if embedding is None or embedding.dim() != 2:
+        raise UserError(f"{shards[0]}: no tok_embeddings.weight matrix: not a Meta Llama shard")
+    for shard, state in zip(shards[1:], loaded[1:]):
+        if state.keys() != loaded[0].keys():
+            raise UserError(f"{shard}: holds other tensors than {shards[0].name}: the shards "
+                            "are not of one model")
+    config = config_from_meta(params, vocab_size=embedding.shape[0], path=d / "params.json")
     # Llama-3.2 1B/3B ship no separate head
     config.tie_embeddings = "output.weight" not in loaded[0]
+    check_layer_count(d, config, len(loaded[0]))
     names = meta_names(config.n_layers)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
@@ -72,36 +81,38 @@ def read_meta(d: Path):
     return config, tensors()
 
 
-def config_from_meta(p: dict, vocab_size: int | None = None) -> ModelConfig:
+def config_from_meta(p: dict, vocab_size: int | None = None, path="params.json") -> ModelConfig:
     """From Meta's `params.json`. The SwiGLU width is not stored there, only the recipe for it.
-    vocab_size: the embedding's row count, for files whose params.json says -1."""
-    dim = p["dim"]
+    vocab_size: the embedding's row count, for files whose params.json says -1. `path` names the
+    file in error messages."""
+    def value(key, rule, default=REQUIRED):
+        return config_value(p, key, path, rule, default)
+    dim = value("dim", SIZE)
+    n_layers = value("n_layers", SIZE)
+    n_heads = value("n_heads", SIZE)
     # 2/3 of the classic 4·dim, so SwiGLU's 3 matrices cost what 2 did
     hidden = int(2 * (4 * dim) / 3)
-    if p.get("ffn_dim_multiplier"):
+    if value("ffn_dim_multiplier", POSITIVE, None):
         hidden = int(p["ffn_dim_multiplier"] * hidden)
-    multiple_of = p.get("multiple_of", 256)
+    multiple_of = value("multiple_of", SIZE, 256)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     scaling = None
-    if p.get("use_scaled_rope"):  # Llama-3.1+: the constants Meta's reference code hard-codes;
+    if value("use_scaled_rope", FLAG, False):  # Llama-3.1+: the constants Meta's code hard-codes;
         # params.json does not say the factor: 32 for the Llama-3.2 1B/3B shapes, 8 otherwise
         # (3.1), as in the Hugging Face configs of those models.
-        llama32 = (dim, p["n_layers"]) in ((2048, 16), (3072, 28))
-        factor = p.get("rope_scaling_factor") or (32.0 if llama32 else 8.0)
+        llama32 = (dim, n_layers) in ((2048, 16), (3072, 28))
+        factor = value("rope_scaling_factor", POSITIVE, None) or (32.0 if llama32 else 8.0)
         scaling = llama3_scaling(factor)
-    stored_vocab = p.get("vocab_size", -1)
-    if stored_vocab > 0:
-        vocab_size = stored_vocab
-    return ModelConfig(dim=dim,
-                       n_layers=p["n_layers"],
-                       n_heads=p["n_heads"],
-                       n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
-                       ffn_hidden=hidden,
-                       vocab_size=vocab_size,
-                       norm_eps=p.get("norm_eps", 1e-5),
-                       rope_theta=p.get("rope_theta", 10000.0),
-                       rope_scaling=scaling,
-                       max_seq_len=p.get("max_seq_len", 4096))
+    if p.get("vocab_size", -1) != -1:  # (-1: not stored)
+        vocab_size = value("vocab_size", SIZE)
+    return model_config(path, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                        n_kv_heads=value("n_kv_heads", SIZE, n_heads),
+                        ffn_hidden=hidden,
+                        vocab_size=vocab_size,
+                        norm_eps=value("norm_eps", POSITIVE, 1e-5),
+                        rope_theta=value("rope_theta", POSITIVE, 10000.0),
+                        rope_scaling=scaling,
+                        max_seq_len=value("max_seq_len", SIZE, 4096))
 
 
 # ---------------------------------------------------------------- llama2.c
@@ -109,21 +120,31 @@ def config_from_meta(p: dict, vocab_size: int | None = None) -> ModelConfig:
 def read_llama2c_pt(path: Path):
     """llama2.c's train.py checkpoint: {"model": state dict under Meta's names, "model_args"}."""
     ckpt = read_torch_file(path)
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+    args = ckpt.get("model_args")
+    if not isinstance(args, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a llama2.c training checkpoint (expected keys 'model' "
                         "and 'model_args')")
-    args = ckpt["model_args"]
     # a torch.compile'd model's state dict has every name under _orig_mod.
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    config = ModelConfig(dim=args["dim"],
-                         n_layers=args["n_layers"],
-                         n_heads=args["n_heads"],
-                         n_kv_heads=args.get("n_kv_heads") or args["n_heads"],
-                         vocab_size=args["vocab_size"],
-                         ffn_hidden=state["layers.0.feed_forward.w1.weight"].shape[0],
-                         norm_eps=args.get("norm_eps", 1e-5),
-                         max_seq_len=args.get("max_seq_len", 2048),
-                         tie_embeddings=True)  # llama2.c always ties the head to the embedding
+    state = {k.removeprefix("_orig_mod."): v
+             for k, v in state_dict_of(path, ckpt["model"]).items()}
+    gate = state.get("layers.0.feed_forward.w1.weight")
+    if gate is None or gate.dim() != 2:
+        raise UserError(f"{path}: no layers.0.feed_forward.w1.weight matrix: not a llama2.c "
+                        "model")
+
+    def value(key, rule, default=REQUIRED):
+        return config_value(args, key, path, rule, default)
+    n_heads = value("n_heads", SIZE)
+    config = model_config(path, dim=value("dim", SIZE),
+                          n_layers=value("n_layers", SIZE),
+                          n_heads=n_heads,
+                          n_kv_heads=value("n_kv_heads", SIZE, n_heads),
+                          vocab_size=value("vocab_size", SIZE),
+                          ffn_hidden=gate.shape[0],
+                          norm_eps=value("norm_eps", POSITIVE, 1e-5),
+                          max_seq_len=value("max_seq_len", SIZE, 2048),
+                          tie_embeddings=True)  # llama2.c always ties the head to the embedding
+    check_layer_count(path, config, len(state))
     names = meta_names(config.n_layers)
     return config, ((k, names.get(k, k), v) for k, v in state.items() if k != "output.weight")
 
@@ -172,7 +193,8 @@ def _llama2c_layout(c: ModelConfig):
 
 
 def _llama2c_floats(c: ModelConfig) -> int:
-    return sum(int(np.prod(shape)) for _, shape in _llama2c_layout(c))
+    # (math.prod: Python's ints, where numpy's int64 product of a crafted header could wrap)
+    return sum(math.prod(shape) for _, shape in _llama2c_layout(c))
 
 
 def read_llama2c_bin(path: Path, config: ModelConfig):
@@ -181,7 +203,7 @@ def read_llama2c_bin(path: Path, config: ModelConfig):
     def tensors():
         offset = 0
         for name, shape in _llama2c_layout(config):
-            n = int(np.prod(shape))
+            n = math.prod(shape)
             t = torch.from_numpy(data[offset:offset + n].reshape(shape))
             offset += n
             if name.startswith("freq_cis"):

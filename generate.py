@@ -14,7 +14,7 @@ import torch
 
 from data import TEMPLATES, encode_prompt, get_template, resolve_template
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
-                    non_negative_float, positive_int, run_cli)
+                    non_negative_float, positive_int, run_cli, seed)
 from model import PRECISIONS, KVCache, Transformer, default_precision
 
 
@@ -27,7 +27,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    # In float64 and less the maximum, so that a tiny temperature (1e-30) sends the other tokens
+    # to -inf, probability 0, instead of overflowing to inf, where softmax gives nan.
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -127,7 +130,7 @@ def parse_args(argv=None, description: str = __doc__, chat: bool = False):
     a("--top-k", type=positive_int, help="sample among the k most likely tokens (default: all)")
     a("--top-p", type=fraction, help="sample among the most likely tokens whose probabilities add "
       "up to p, in (0, 1] (default: 1, all)")
-    a("--seed", type=int, default=1337, help="seed of the sampling")
+    a("--seed", type=seed, default=1337, help="seed of the sampling, in [0, 2**63)")
     a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
     a("--precision", choices=["bf16", "fp16", "fp32"],
       help="weights dtype (default: bf16 on CUDA, fp32 otherwise)")

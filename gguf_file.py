@@ -17,16 +17,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from checkpoint import name_map
+from checkpoint import REQUIRED, check_layer_count, config_value, model_config, name_map
 from errors import UserError
-from model import ModelConfig, llama3_scaling, rope_frequencies
+from model import POSITIVE, SIZE, ModelConfig, Rule, llama3_scaling, rope_frequencies
 
-# metadata value types → struct format (8 = string and 9 = array are read separately)
-SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                  10: "<Q", 11: "<q", 12: "<d"}
+# metadata value types → numpy dtype (8 = string and 9 = array are read separately)
+VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
+# The fewest bytes an entry can take, to bound a count read from the file by the bytes left:
+# a string is its uint64 length then its bytes; an array its item type, uint64 count, items;
+# a metadata entry a key (string), a uint32 value type and a value; a tensor's entry a name,
+# uint32 n_dims, n_dims uint64 dims, uint32 ggml type, uint64 offset.
+MIN_STRING, MIN_ARRAY, MIN_METADATA, MIN_TENSOR = 8, 12, 8 + 4 + 1, 8 + 4 + 4 + 8
+MAX_DIMS = 4          # ggml's GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 4   # arrays of arrays of ...: more would only be a way to exhaust the stack
 
 
 @dataclass
@@ -45,64 +53,100 @@ class GGUFHeader:
 
 
 class _Reader:
-    """Little-endian values from a binary file, in order."""
+    """Little-endian values from a binary file, in order. A length or a count read from the file
+    is checked against the bytes left in it before anything is read or allocated, so a header
+    that claims more than the file holds is an error, not gigabytes of memory. Arrays of numbers
+    are read whole (numpy), in the bytes they take in the file."""
 
-    def __init__(self, f):
+    def __init__(self, f, size: int):
         self.f = f
+        self.size = size
+        self.position = f.tell()  # (kept here: asking the file each time is slow)
 
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise EOFError("the file ends inside its header")
-        return struct.unpack(fmt, data)[0]
+    def left(self) -> int:
+        return self.size - self.position
 
-    def string(self) -> str:
-        length = self.unpack("<Q")
-        return self.f.read(length).decode("utf-8", "replace")
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.left():
+            raise ValueError(f"the file ends inside {what} ({n} bytes needed, {self.left()} "
+                             "left)")
+        self.position += n
+        return self.f.read(n)
 
-    def value(self, kind: int):
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what: str, min_bytes: int) -> int:
+        """A uint64 count of entries that take at least `min_bytes` each."""
+        n = self.unpack("<Q", what)
+        if n * min_bytes > self.left():
+            raise ValueError(f"{n} {what} cannot fit in the {self.size} bytes of the file")
+        return n
+
+    def string(self, what: str = "a string") -> str:
+        return self.take(self.unpack("<Q", what), what).decode("utf-8", "replace")
+
+    def value(self, kind: int, what: str, depth: int = 0):
         if kind == STRING:
-            return self.string()
+            return self.string(what)
         if kind == ARRAY:
-            item_kind = self.unpack("<I")
-            count = self.unpack("<Q")
-            return [self.value(item_kind) for _ in range(count)]
-        if kind not in SCALAR_FORMATS:
-            raise ValueError(f"unknown metadata value type {kind}")
-        return self.unpack(SCALAR_FORMATS[kind])
+            item_kind = self.unpack("<I", what)
+            if item_kind in VALUE_DTYPES:
+                dtype = np.dtype(VALUE_DTYPES[item_kind])
+                n = self.count(f"items of {what}", dtype.itemsize)
+                return np.frombuffer(self.take(n * dtype.itemsize, what), dtype)
+            if item_kind == ARRAY and depth == MAX_ARRAY_DEPTH:
+                raise ValueError(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+            n = self.count(f"items of {what}", MIN_STRING if item_kind == STRING else MIN_ARRAY)
+            return [self.value(item_kind, what, depth + 1) for _ in range(n)]
+        if kind not in VALUE_DTYPES:
+            raise ValueError(f"{what} has the unknown value type {kind}")
+        dtype = np.dtype(VALUE_DTYPES[kind])
+        return np.frombuffer(self.take(dtype.itemsize, what), dtype)[0].item()
 
 
 def read_gguf_header(path) -> GGUFHeader:
-    """The metadata and the tensor table of a GGUF file (versions 2 and 3 share this layout)."""
+    """The metadata and the tensor table of a GGUF file (versions 2 and 3 share this layout).
+    Arrays of numbers in the metadata come back as numpy arrays, the rest as Python values."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError(f"{path}: not a GGUF file (bad magic)")
-            r = _Reader(f)
-            r.unpack("<I")  # the format version
-            n_tensors = r.unpack("<Q")
-            n_metadata = r.unpack("<Q")
+            r = _Reader(f, path.stat().st_size)
+            version = r.unpack("<I", "the version")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version}; only versions 2 and 3 are read")
+            n_tensors = r.unpack("<Q", "the tensor count")
+            n_metadata = r.count("metadata entries", MIN_METADATA)
             metadata = {}
             for _ in range(n_metadata):
-                key = r.string()
-                metadata[key] = r.value(r.unpack("<I"))
-            infos = []
-            for _ in range(n_tensors):
-                name = r.string()
-                n_dims = r.unpack("<I")
-                dims = [r.unpack("<Q") for _ in range(n_dims)]
-                ggml_type = r.unpack("<I")
-                offset = r.unpack("<Q")
-                infos.append(TensorInfo(name, tuple(dims[::-1]), ggml_type, offset))
+                key = r.string("a metadata key")
+                metadata[key] = r.value(r.unpack("<I", key), key)
+            if n_tensors * MIN_TENSOR > r.left():
+                raise ValueError(f"{n_tensors} tensors cannot fit in the {r.size} bytes of the "
+                                 "file")
+            infos = [_tensor_info(r) for _ in range(n_tensors)]
             align = metadata.get("general.alignment", 32)
-            data_start = (f.tell() + align - 1) // align * align
-    except (OSError, EOFError, ValueError, MemoryError) as e:
+            if type(align) is not int or align < 1 or align & (align - 1):
+                raise ValueError(f"general.alignment is {align!r}, not a power of two")
+            data_start = (r.position + align - 1) // align * align
+    except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
     for info in infos:
         info.offset += data_start
     return GGUFHeader(path, metadata, infos)
+
+
+def _tensor_info(r: _Reader) -> TensorInfo:
+    name = r.string("a tensor name")
+    n_dims = r.unpack("<I", name)
+    if n_dims > MAX_DIMS:
+        raise ValueError(f"tensor {name} has {n_dims} dimensions; ggml allows at most {MAX_DIMS}")
+    dims = [r.unpack("<Q", name) for _ in range(n_dims)]
+    ggml_type = r.unpack("<I", name)
+    offset = r.unpack("<Q", name)
+    return TensorInfo(name, tuple(dims[::-1]), ggml_type, offset)
 
 
 # ---------------------------------------------------------------- ggml tensor types
@@ -339,8 +383,8 @@ GGUF_LAYER_NAMES = {  # ours: llama.cpp's, within one block
 }
 
 
-def _llama_value(header: GGUFHeader, key: str, default=None):
-    return header.metadata.get(f"llama.{key}", default)
+def _llama_value(header: GGUFHeader, key: str, rule: Rule, default=REQUIRED):
+    return config_value(header.metadata, f"llama.{key}", header.path, rule, default)
 
 
 def _rope_scaling(header: GGUFHeader, config: ModelConfig):
@@ -351,14 +395,17 @@ def _rope_scaling(header: GGUFHeader, config: ModelConfig):
     info = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
     if info is None:
         return None
+    wrong = UserError(f"{header.path}: rope_freqs.weight does not match Llama-3.1 rope scaling "
+                      "with Meta's constants (low/high frequency factors 1 and 4, original "
+                      "context 8192); it cannot be loaded")
+    if info.shape != (config.head_dim // 2,):  # (before anything of head_dim's size is made)
+        raise wrong
     stored = read_tensor(header, info)
     scaling = llama3_scaling(stored.max().item())
     unscaled = rope_frequencies(config)
     scaled = rope_frequencies(replace(config, rope_scaling=scaling))
-    if stored.shape != unscaled.shape or not torch.allclose(unscaled / scaled, stored, rtol=1e-5):
-        raise UserError(f"{header.path}: rope_freqs.weight does not match Llama-3.1 rope scaling "
-                        "with Meta's constants (low/high frequency factors 1 and 4, original "
-                        "context 8192); it cannot be loaded")
+    if not torch.allclose(unscaled / scaled, stored, rtol=1e-5):
+        raise wrong
     return scaling
 
 
@@ -369,30 +416,30 @@ def read_config(header: GGUFHeader) -> ModelConfig:
     architecture = metadata.get("general.architecture")
     if architecture != "llama":
         raise UserError(f"{path}: GGUF architecture {architecture!r}, expected 'llama'")
-    if _llama_value(header, "expert_count", 0):
+    if metadata.get("llama.expert_count", 0):
         raise UserError(f"{path}: a mixture-of-experts model (llama.expert_count > 0); "
                         "only dense Llama models can be loaded")
-    scaling_type = _llama_value(header, "rope.scaling.type", "none")
+    scaling_type = metadata.get("llama.rope.scaling.type", "none")
     if scaling_type != "none":
         raise UserError(f"{path}: rope scaling type {scaling_type!r} is not supported")
     tensor_names = {info.name for info in header.tensors}
-    n_heads = _llama_value(header, "attention.head_count")
+    dim = _llama_value(header, "embedding_length", SIZE)
+    n_layers = _llama_value(header, "block_count", SIZE)
+    n_heads = _llama_value(header, "attention.head_count", SIZE)
     tokens = metadata.get("tokenizer.ggml.tokens", [])
-    vocab_size = len(tokens) or _llama_value(header, "vocab_size")
-    config = ModelConfig(
-        dim=_llama_value(header, "embedding_length"),
-        n_layers=_llama_value(header, "block_count"),
-        n_heads=n_heads,
-        n_kv_heads=_llama_value(header, "attention.head_count_kv", n_heads),
-        ffn_hidden=_llama_value(header, "feed_forward_length"),
+    vocab_size = len(tokens) or _llama_value(header, "vocab_size", SIZE)
+    config = model_config(
+        path, dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=_llama_value(header, "attention.head_count_kv", SIZE, n_heads),
+        ffn_hidden=_llama_value(header, "feed_forward_length", SIZE),
         vocab_size=vocab_size,
-        norm_eps=_llama_value(header, "attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=_llama_value(header, "rope.freq_base", 10000.0),
-        max_seq_len=_llama_value(header, "context_length", 2048),
+        norm_eps=_llama_value(header, "attention.layer_norm_rms_epsilon", POSITIVE, 1e-5),
+        rope_theta=_llama_value(header, "rope.freq_base", POSITIVE, 10000.0),
+        max_seq_len=_llama_value(header, "context_length", SIZE, 2048),
         tie_embeddings="output.weight" not in tensor_names,  # llama.cpp then reuses token_embd
-        head_dim=_llama_value(header, "attention.key_length"),
+        head_dim=_llama_value(header, "attention.key_length", SIZE, None),
     )
-    rope_dims = _llama_value(header, "rope.dimension_count", config.head_dim)
+    rope_dims = _llama_value(header, "rope.dimension_count", SIZE, config.head_dim)
     if rope_dims != config.head_dim:
         raise UserError(f"{path}: RoPE on {rope_dims} of {config.head_dim} channels per head "
                         "(partial rotary) is not supported")
@@ -416,10 +463,11 @@ def read_gguf(path):
     converter already stores q/k rows in Meta's pair order, which our model uses: no
     permutation."""
     header = read_gguf_header(path)
-    config = read_config(header)
     file_size = header.path.stat().st_size
     for info in header.tensors:  # fail now, before any loading, on a type or size we cannot read
         check_tensor(header.path, info, file_size)
+    config = read_config(header)
+    check_layer_count(header.path, config, len(header.tensors))
     names = name_map(GGUF_NAMES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, config.n_layers)
 
     def tensors():

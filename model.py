@@ -14,6 +14,7 @@ permuted; checkpoint.py undoes that in one place.
 """
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,9 +41,28 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-# The sizes of a ModelConfig: each must be a whole number >= 1.
-SIZE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-               "max_seq_len")
+@dataclass(frozen=True)
+class Rule:
+    """What a config value must be: `holds(value)` says whether it is, `text` says it in words.
+    The readers of checkpoint files check each value they take with these (naming the file and
+    its key), and ModelConfig checks its fields with them: one rule per kind of value."""
+    text: str
+    holds: Callable
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int)
+
+
+SIZE = Rule("a whole number >= 1", lambda value: type(value) is int and value >= 1)  # not True
+POSITIVE = Rule("a finite number > 0",
+                lambda value: _is_number(value) and math.isfinite(value) and value > 0)
+FLAG = Rule("true or false", lambda value: isinstance(value, bool))
+FIELD_RULES = {"dim": SIZE, "n_layers": SIZE, "n_heads": SIZE, "n_kv_heads": SIZE,
+               "ffn_hidden": SIZE, "vocab_size": SIZE, "norm_eps": POSITIVE, "rope_theta": POSITIVE,
+               "max_seq_len": SIZE, "tie_embeddings": FLAG}
+LLAMA3_SCALING_RULES = {"factor": POSITIVE, "low_freq_factor": POSITIVE,
+                        "high_freq_factor": POSITIVE, "original_max_position_embeddings": SIZE}
 
 
 @dataclass
@@ -63,11 +83,20 @@ class ModelConfig:
     head_dim: int | None = None      # defaults to dim // n_heads
 
     def __post_init__(self):
-        for name in SIZE_FIELDS:
+        rules = dict(FIELD_RULES, head_dim=SIZE) if self.head_dim is not None else FIELD_RULES
+        for name, rule in rules.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"model config: {name}={value!r}, but it must be a whole "
-                                "number >= 1")
+            if not rule.holds(value):
+                raise UserError(f"model config: {name}={value!r}, but it must be {rule.text}")
+        scaling = self.rope_scaling
+        if scaling is not None and (not isinstance(scaling, dict)
+                                    or scaling.keys() != LLAMA3_SCALING_RULES.keys()):
+            raise UserError(f"model config: rope_scaling={scaling!r}, but it must be None or "
+                            f"{{{', '.join(LLAMA3_SCALING_RULES)}}}")
+        for name, rule in LLAMA3_SCALING_RULES.items():
+            if scaling is not None and not rule.holds(scaling[name]):
+                raise UserError(f"model config: rope_scaling {name}={scaling[name]!r}, but it "
+                                f"must be {rule.text}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise UserError(f"model config: dim={self.dim} is not a multiple of "

@@ -14,22 +14,25 @@ import json
 import random
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, utf8_problem
 
 ROLES = ("system", "user", "assistant")
 JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                    float: "a number", bool: "a boolean"}
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     return JSON_TYPE_NAMES.get(type(value), "null")
 
 
 def data_file(path) -> Path:
     """`path` as a Path, when it is a file; else a UserError (naming it as the user typed it)."""
-    path = Path(path)
-    if not path.is_file():
+    path = Path(path)  # messages name it as the user typed it
+    if not path.exists():
         raise UserError(f"data file not found: {path}")
+    if not path.is_file():  # (reading /dev/zero or a pipe would never end)
+        raise UserError(f"{path} is not a regular file (a directory, a device or a pipe); data "
+                        "is a JSON or JSON Lines file")
     return path
 
 
@@ -47,6 +50,8 @@ def load_records(path) -> list[dict]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
     if text.lstrip().startswith("["):  # one JSON array
@@ -55,6 +60,8 @@ def load_records(path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
                             f"{e.msg})") from None
+        except RecursionError:  # json recurses once per level of [ or {
+            raise UserError(f"{path}: not valid JSON here (nested too deeply)") from None
         places = [f"record {number}" for number in range(1, len(items) + 1)]
     else:  # JSON Lines, one record per line: messages name the line, which is what an editor shows
         items, places = [], []
@@ -66,6 +73,9 @@ def load_records(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: line {lineno}: not valid JSON ({e.msg}); expected a JSON "
                                 "array of records or JSON Lines (one object per line)") from None
+            except RecursionError:
+                raise UserError(f"{path}: line {lineno}: not valid JSON here (nested too "
+                                "deeply)") from None
             places.append(f"line {lineno}")
     if not items:
         raise UserError(f"{path}: no records")
@@ -75,7 +85,7 @@ def load_records(path) -> list[dict]:
 def normalize_record(record, where: str = "record") -> dict:
     """One raw record (Alpaca, Alpaca + history, or chat messages) → the normalised shape."""
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected an object, got {_json_type(record)}")
+        raise UserError(f"{where}: expected an object, got {json_type(record)}")
     if "messages" in record:
         return _from_messages(record["messages"], where)
     for key in ("instruction", "output"):
@@ -110,7 +120,10 @@ def _string(record: dict, key: str, where: str) -> str:
     if value is None and key == "input":  # optional: absent or null means empty
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}: {key!r} must be a string, got {_json_type(value)}")
+        raise UserError(f"{where}: {key!r} must be a string, got {json_type(value)}")
+    problem = utf8_problem(value)
+    if problem:  # JSON's "\ud800" escapes can spell a lone surrogate
+        raise UserError(f"{where}: {key!r} is not valid text ({problem})")
     return value
 
 
@@ -159,6 +172,10 @@ def split_train_val(records: list, val_fraction: float, seed: int = 0) -> tuple[
     n_val = round(len(records) * val_fraction)
     if val_fraction > 0 and len(records) >= 2:
         n_val = min(max(n_val, 1), len(records) - 1)
+    if n_val == len(records) == 1:
+        raise UserError(f"the data has 1 record and --val-split {val_fraction} puts it in the "
+                        "validation set, which leaves none to train on; use --val-split 0, or "
+                        "more records")
     val_indices = set(random.Random(seed).sample(range(len(records)), n_val))
     train = [record for index, record in enumerate(records) if index not in val_indices]
     val = [record for index, record in enumerate(records) if index in val_indices]

@@ -16,7 +16,7 @@ import base64
 import shutil
 from pathlib import Path
 
-from errors import UserError
+from errors import UserError, utf8_problem
 
 # Llama-3's pre-tokenizer split (Meta's llama3/tokenizer.py): text is first cut into pieces by
 # this regex (contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces), and
@@ -72,6 +72,10 @@ class Tokenizer:
             raise UserError(f"tokenizer {self.path.name} has no BOS token")
         if eos and self.eos_id is None:
             raise UserError(f"tokenizer {self.path.name} has no EOS token")
+        problem = utf8_problem(text)
+        if problem:
+            shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+            raise UserError(f"the text {shown} cannot be tokenized: {problem}")
         ids = self._encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
@@ -128,17 +132,18 @@ def _is_tiktoken_line(line: bytes) -> bool:
 
 def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     """`tokenizer` (a --tokenizer path) if given; else the byte-level BPE tokenizer embedded in a
-    .gguf checkpoint; else the tokenizer in the checkpoint's directory: the checkpoint itself when
-    it is a directory, else the directory of the checkpoint file (stories260K.gguf embeds a
-    SentencePiece vocabulary, and its tok512.model lies beside it)."""
-    checkpoint = Path(checkpoint)
+    .gguf checkpoint (or in the .gguf a checkpoint folder holds); else the tokenizer in the
+    checkpoint's directory: the checkpoint itself when it is a directory, else the directory of
+    the checkpoint file (stories260K.gguf embeds a SentencePiece vocabulary, and its
+    tok512.model lies beside it)."""
+    from checkpoint import existing_checkpoint, single_file_checkpoint
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
-    if not checkpoint.exists():
-        raise UserError(f"checkpoint not found: {checkpoint}")
-    if checkpoint.is_file() and _is_gguf(checkpoint):
+    checkpoint = existing_checkpoint(checkpoint)
+    model_file = single_file_checkpoint(checkpoint)  # (a folder may hold a .gguf)
+    if model_file is not None and _is_gguf(model_file):
         from bpe import gguf_tokenizer
-        embedded = gguf_tokenizer(checkpoint, required=False)
+        embedded = gguf_tokenizer(model_file, required=False)
         if embedded is not None:
             return embedded
     return Tokenizer.from_file(checkpoint if checkpoint.is_dir() else checkpoint.parent)
@@ -176,7 +181,8 @@ def read_chat_template(path: Path, config: dict) -> str | None:
     chat_template.jinja file that newer transformers save beside it."""
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {entry["name"]: entry["template"] for entry in template}
+        named = {entry.get("name"): entry.get("template") for entry in template
+                 if isinstance(entry, dict)}
         template = named.get("default")
     jinja = path.with_name("chat_template.jinja")
     if template is None and jinja.is_file():
