@@ -96,56 +96,50 @@ def quantize_q5_0(x):
 # ---------------------------------------------------------------- k-quants: 256 per block
 
 def _fit_scale_and_min(x, weights, n_max=15, r_min=-1.0, r_delta=0.1, n_steps=20):
-    """ggml's make_qkx2_quants for each row of x: the scale s and offset m ≤ 0 minimising
-    Σ w·(s·q + m − x)² with integer q in 0..n_max. Start from the codes that span [min, max]
-    exactly, then try n_steps + 1 slightly different spans; for each, fit s and m by weighted
-    least squares for its codes; keep the first with the lowest error.
+    """ggml's make_qkx2_quants for each row of x: a scale s and an offset m ≤ 0 that make
+    Σ w·(s·q + m − x)² small, with integer codes q in 0..n_max. Start from the codes that span
+    [m, max] exactly (m = min(x, 0)); then, n_steps + 1 times, code x over a slightly different
+    span, fit s and m to those codes by weighted least squares, and keep the fit if its error is
+    lower. As in ggml, each try spans from the offset kept so far, so the tries run in order.
     Returns (s, −m, q) with shapes (n,), (n,), (n, 32)."""
-    low = x.amin(dim=1, keepdim=True).clamp(max=0)
+    offset = x.amin(dim=1, keepdim=True).clamp(max=0)
     high = x.amax(dim=1, keepdim=True)
-    flat = high == low
-    span = torch.where(flat, torch.ones_like(high), high - low)
+    flat = high == offset
 
-    def codes(inverse_scale):  # (n, k, 1) → (n, k, 32)
-        return torch.round(inverse_scale * (x - low)[:, None, :]).clamp(0, n_max)
+    def codes(span_steps):  # (n, 1) → (n, 32): x coded over [offset, high] in span_steps steps
+        span = torch.where(flat, 1, high - offset)
+        return torch.round(span_steps / span * (x - offset)).clamp(0, n_max)
 
-    def error(scale, offset, q):  # (n, k), (n, k), (n, k, 32) → (n, k)
-        fit = scale[:, :, None] * q + offset[:, :, None]
-        return (weights[:, None, :] * (fit - x[:, None, :]) ** 2).sum(dim=2)
+    def error(scale, offset, q):
+        return (weights * (scale * q + offset - x) ** 2).sum(dim=1, keepdim=True)
 
-    q0 = codes((n_max / span)[:, :, None])
-    scale0 = span / n_max
-    error0 = error(scale0, low, q0)
-
-    steps = torch.arange(n_steps + 1, dtype=torch.float32)
-    q = codes(((r_min + r_delta * steps + n_max) / span)[:, :, None])
-    w = weights[:, None, :]
+    scale = torch.where(flat, 1, high - offset) / n_max
+    q = codes(torch.full_like(high, n_max))
+    best = error(scale, offset, q)
     sum_w = weights.sum(dim=1, keepdim=True)
     sum_x = (weights * x).sum(dim=1, keepdim=True)
-    sum_l = (w * q).sum(dim=2)
-    sum_l2 = (w * q * q).sum(dim=2)
-    sum_xl = (w * q * x[:, None, :]).sum(dim=2)
-    det = sum_w * sum_l2 - sum_l * sum_l
-    safe_det = torch.where(det > 0, det, torch.ones_like(det))
-    scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
-    offset = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
-    positive = offset > 0  # the offset must not be positive: refit the scale alone
-    scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), scale)
-    offset = offset.clamp(max=0)
-    errors = torch.where(det > 0, error(scale, offset, q), torch.inf)
-
-    # the first candidate with the lowest error, the starting codes winning a tie
-    all_errors = torch.cat([error0, errors], dim=1)
-    best = all_errors.argmin(dim=1)
-    all_scales = torch.cat([scale0, scale], dim=1)
-    all_offsets = torch.cat([low, offset], dim=1)
-    all_q = torch.cat([q0, q], dim=1)
-    rows = torch.arange(len(x))
-    s, m, q = all_scales[rows, best], all_offsets[rows, best], all_q[rows, best]
-    s = torch.where(flat[:, 0], torch.zeros_like(s), s)
-    m = torch.where(flat[:, 0], low[:, 0], m)
-    q = torch.where(flat, torch.zeros_like(q), q)
-    return s, -m, q
+    step = torch.tensor(r_delta, dtype=torch.float32)  # ggml's float arithmetic: 0.1f·is
+    for i in range(n_steps + 1):
+        tried = codes(r_min + step * i + n_max + torch.zeros_like(high))
+        sum_l = (weights * tried).sum(dim=1, keepdim=True)
+        sum_l2 = (weights * tried * tried).sum(dim=1, keepdim=True)
+        sum_xl = (weights * tried * x).sum(dim=1, keepdim=True)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        safe_det = torch.where(det > 0, det, 1)
+        fit_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        fit_offset = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        # the offset must not be positive: then refit the scale alone
+        fit_scale = torch.where(fit_offset > 0, sum_xl / sum_l2.clamp(min=1e-30), fit_scale)
+        fit_offset = fit_offset.clamp(max=0)
+        err = error(fit_scale, fit_offset, tried)
+        better = (det > 0) & (err < best) & ~flat
+        best = torch.where(better, err, best)
+        scale = torch.where(better, fit_scale, scale)
+        offset = torch.where(better, fit_offset, offset)
+        q = torch.where(better, tried, q)
+    scale = torch.where(flat, 0, scale)
+    q = torch.where(flat, 0, q)
+    return scale[:, 0], -offset[:, 0], q
 
 
 def _six_bits(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
@@ -186,27 +180,30 @@ def quantize_q4_k(x):
 
 
 def _fit_symmetric_scale(x, n_max=32):
-    """ggml's make_qx_quants (rmse_type 1) for each row of x: the scale s with codes q in
-    −n_max..n_max−1 maximising (Σ w·x·q)² / Σ w·q² with w = x² (the least-squares fit), over
-    the span set by the value of largest magnitude and 18 spans around it; the first best wins.
-    Returns (s, q + n_max) with shapes (n,), (n, 16)."""
+    """ggml's make_qx_quants (rmse_type 1) for each row of x: codes q in −n_max..n_max−1 for the
+    span set by the value of largest magnitude, and the least-squares scale s for them
+    (weights w = x²); then 18 spans around it, in ggml's order, each kept when it raises
+    (Σ w·x·q)² / Σ w·q². Returns (s, q + n_max) with shapes (n,), (n, 16)."""
     largest = _max_by_magnitude(x)
     tiny = largest.abs() < 1e-15
-    safe = torch.where(tiny, torch.ones_like(largest), largest)
-    steps = torch.tensor([0.0] + [0.1 * i for i in range(-9, 10) if i != 0])
-    inverse_scales = -(n_max + steps) / safe  # (n, 19)
-    q = torch.round(inverse_scales[:, :, None] * x[:, None, :]).clamp(-n_max, n_max - 1)
-    w = (x * x)[:, None, :]
-    sum_lx = (w * x[:, None, :] * q).sum(dim=2)
-    sum_l2 = (w * q * q).sum(dim=2)
+    safe = torch.where(tiny, 1, largest)
+    w = x * x
+
+    def fit(inverse_scale):
+        q = torch.round(inverse_scale * x).clamp(-n_max, n_max - 1)
+        return q, (w * x * q).sum(dim=1, keepdim=True), (w * q * q).sum(dim=1, keepdim=True)
+
+    q, sum_lx, sum_l2 = fit(-n_max / safe)
     scale = torch.where(sum_l2 > 0, sum_lx / torch.where(sum_l2 > 0, sum_l2, 1), 0)
-    merit = torch.where(sum_l2 > 0, scale * sum_lx, -torch.inf)
-    merit[:, 0] = scale[:, 0] * sum_lx[:, 0]  # the first span counts even when all its q are 0
-    best = merit.argmax(dim=1)
-    rows = torch.arange(len(x))
-    s = torch.where(tiny[:, 0], 0, scale[rows, best])
-    q = torch.where(tiny, 0, q[rows, best] + n_max)
-    return s, q
+    best = scale * sum_lx
+    tenth = torch.tensor(0.1, dtype=torch.float32)  # ggml's float arithmetic: 0.1f·is
+    for i in [i for i in range(-9, 10) if i != 0]:
+        tried, lx, l2 = fit(-(n_max + tenth * i) / safe)
+        better = (l2 > 0) & (lx * lx > best * l2)
+        q = torch.where(better, tried, q)
+        scale = torch.where(better, lx / torch.where(l2 > 0, l2, 1), scale)
+        best = torch.where(better, scale * lx, best)
+    return torch.where(tiny, 0, scale)[:, 0], torch.where(tiny, 0, q + n_max)
 
 
 def quantize_q6_k(x):
