@@ -319,11 +319,20 @@ def write_peft_base(run_path: Path, run: dict | None, checkpoint, tokenizer):
 
 
 def peft_base_path(checkpoint) -> str:
-    """What PEFT's adapter_config.json names as the base: the absolute path of a Hugging Face
-    directory; other formats cannot be loaded by PEFT (see --peft-base), their path is kept."""
+    """What PEFT's adapter_config.json names as the base: an absolute path, so the adapter loads
+    from any directory. PEFT loads only a Hugging Face directory: for other formats (a GGUF),
+    `export.py RUN --peft-base` writes one and points the adapter at it."""
     if checkpoint is None:
         return "demo"
     return str(Path(checkpoint).resolve())
+
+
+def peft_base_note(checkpoint, out) -> str:
+    """A hint after the adapter's path when PEFT cannot load the base as it is."""
+    if checkpoint is None or (Path(checkpoint) / "config.json").is_file():
+        return ""
+    return (f"; for PEFT, whose loader reads only Hugging Face models, write the base beside it "
+            f"once: python export.py {out} --peft-base")
 
 
 if __name__ == "__main__":

@@ -313,10 +313,11 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     format and Hugging Face's. Model directories get the tokenizer too, so
     `generate.py --checkpoint` finds it there."""
     if config.method in ("lora", "qlora"):
-        from export import export_peft
+        from export import export_peft, peft_base_note, peft_base_path
         save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
-        export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
-        print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
+        export_peft(model, out / "peft", base_model_name_or_path=peft_base_path(config.checkpoint))
+        print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})"
+              + peft_base_note(config.checkpoint, out))
         if config.merge:
             merge_lora(model)
     if config.method == "full" or config.merge:
@@ -325,7 +326,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if config.merge:
         from export import export_hf
-        export_hf(model, out / "hf", tokenizer)
+        export_hf(model, out / "hf", tokenizer, template_name=config.template)
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
 

@@ -286,3 +286,51 @@ def test_smollm2_export_keeps_tokenizer_and_chat_template(smollm2_path, smollm2_
     modelfile = smollm2_q8.with_suffix(".Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+
+
+# ---------------------------------------------------------------- every export in its consumer
+
+def test_transformers_generate_stops_where_ours_stops(smollm2_path, smollm2, tmp_path):
+    """generation_config.json names every end id of the template: transformers' greedy
+    generate() on the hf/ export ends where ours ends, at <|im_end|>, instead of running into
+    a new turn."""
+    transformers = pytest.importorskip("transformers")
+    from data import encode_prompt, get_template
+    from generate import generate
+    model, _ = load_checkpoint(smollm2_path)
+    ids = encode_prompt("What is the capital of France?", smollm2, get_template("chatml"))
+    ours = list(generate(model, smollm2, ids, 40, temperature=0.0))
+    assert len(ours) < 40  # it stopped by itself
+    export.export_hf(model, tmp_path / "hf", smollm2, template_name="chatml")
+    config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert smollm2.special_id("<|im_end|>") in config["eos_token_id"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf.eval().generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
+    theirs = theirs[0, len(ids):].tolist()
+    assert theirs[:-1] == ours and theirs[-1] in smollm2.stop_ids
+
+
+def test_peft_loads_the_adapter_by_itself(tmp_path):
+    """A LoRA run on a llama2.c base: `export.py RUN --peft-base` writes the base as a Hugging
+    Face directory and points RUN/peft at it by an absolute path; PEFT's own
+    AutoPeftModelForCausalLM.from_pretrained(RUN/peft), with no other argument, then gives our
+    model's logits."""
+    peft = pytest.importorskip("peft")
+    import train_sft
+    from lora import load_adapter
+    base = shared_path("models", "stories260K")
+    out = tmp_path / "run"
+    train_sft.main([str(a) for a in [
+        "--checkpoint", base, "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
+        "--out", out, "--seq-len", 128, "--batch-size", 2, "--val-split", 0, "--lr", 1e-2,
+        "--max-steps", 2, "--lora-targets", "all"]])
+    export.main([str(out), "--peft-base"])
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str((out / "peft-base").resolve())
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(out / "peft").eval()
+    ours, _ = load_checkpoint(base)
+    load_adapter(ours, out / "adapter")
+    tokens = torch.tensor([[1, 403, 261, 377, 9, 88, 300]])
+    with torch.no_grad():
+        assert (theirs(tokens).logits - ours.eval()(tokens)).abs().max().item() <= 1e-4
