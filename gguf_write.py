@@ -321,8 +321,7 @@ def _bpe_keys(tokenizer) -> dict:
 
 def _tiktoken_keys(tokenizer) -> dict:
     """Llama-3's tiktoken ranks as byte-level BPE ("gpt2", pre-tokenizer "llama-bpe"). A rank
-    file has no merge list: each token's merge is the last step of BPE on its own bytes using
-    only lower ranks (`tiktoken_merges`)."""
+    file has no merge list: `tiktoken_merges` makes one."""
     from bpe import gpt2_token_text
     ranks = tokenizer.enc._mergeable_ranks
     tokens = {rank: gpt2_token_text(token) for token, rank in ranks.items()}
@@ -346,19 +345,13 @@ def _bpe_metadata(tokenizer, tokens: dict, special: set, merges: list, pre: str)
 
 
 def tiktoken_merges(ranks: dict) -> list:
-    """[(left, right)] in rank order: for each token of two or more bytes, run BPE on its bytes
-    with the merges ranked below it; the two parts left are the merge that makes it."""
+    """[(left, right)] for a merge-based BPE that tokenizes as tiktoken does. tiktoken joins the
+    adjacent pair whose concatenation has the lowest rank, so every split of a token into two
+    tokens is a merge, ranked by the token it makes (then by its parts' ranks), as Hugging Face's
+    converter lists them (TikTokenConverter)."""
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) < 2:
-            continue
-        parts = [token[i:i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            pair_ranks = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
-            best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            if pair_ranks[best] >= rank:
-                break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        if len(parts) == 2:
-            merges.append((parts[0], parts[1]))
-    return merges
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, ranks[left], ranks[right], left, right) for left, right in splits]
+    return [(left, right) for *_, left, right in sorted(merges)]

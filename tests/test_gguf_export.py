@@ -213,6 +213,25 @@ def test_sentencepiece_tokenizer_and_metadata(tiny):
     assert (directory / "f16" / "tiny.Modelfile").read_text().startswith("FROM ./tiny.gguf\n")
 
 
+def test_llama3_tiktoken_tokenizer_becomes_gguf_bpe(tmp_path):
+    """Llama-3's rank file has no merge list: the one we write (every split of a token into two
+    tokens, 280147 of them, as Hugging Face's converter makes) tokenizes as tiktoken does when
+    read back as GGUF byte-level BPE ("gpt2", "llama-bpe")."""
+    tiktoken_tok = Tokenizer.from_file(shared_path("models", "llama3-tokenizer"))
+    metadata = gguf_write.tokenizer_metadata(tiktoken_tok, None,
+                                             tiktoken_tok.special_id("<|eot_id|>"))
+    assert len(metadata["tokenizer.ggml.merges"]) == 280147
+    assert metadata["tokenizer.ggml.eot_token_id"] == 128009
+    header, _ = gguf_write.header_bytes(metadata, [])
+    path = tmp_path / "llama3.gguf"
+    path.write_bytes(header)
+    back = Tokenizer.from_file(path)
+    for text in ["Hello world! 12345 numbers,   spaces\n\nand ünïcödé 🙂",
+                 "def f(x):\n    return x ** 2  # comment", "I'm   they'll DON'T"]:
+        assert back.encode(text) == tiktoken_tok.encode(text)
+    assert (back.bos_id, back.eos_id) == (tiktoken_tok.bos_id, tiktoken_tok.eos_id)
+
+
 # ---------------------------------------------------------------- mistakes: one line each
 
 def fails(capsys, argv, message):
