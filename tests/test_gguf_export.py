@@ -19,7 +19,6 @@ import gguf_quant
 import gguf_write
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import shared_path
-from errors import UserError
 from lora import apply_lora, merge_lora, save_adapter
 from model import ModelConfig, Transformer, llama3_scaling
 from tokenizer import Tokenizer
