@@ -341,8 +341,8 @@ def test_peft_loads_the_adapter_by_itself(tmp_path):
     out = tmp_path / "run"
     train_sft.main([str(a) for a in [
         "--checkpoint", base, "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
-        "--out", out, "--seq-len", 128, "--batch-size", 2, "--val-split", 0, "--lr", 1e-2,
-        "--max-steps", 2, "--lora-targets", "all"]])
+        "--out", out, "--seq-len", 128, "--batch-size", 2, "--grad-accum", 1, "--val-split", 0,
+        "--lr", 1e-2, "--warmup-steps", 1, "--max-steps", 2, "--lora-targets", "all"]])
     export.main([str(out), "--peft-base"])
     assert json.loads((out / "peft" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str((out / "peft-base").resolve())
