@@ -2,10 +2,12 @@
 this project's reading of the same files. docs/formats.md has the command and the numbers.
 
     python examples/compare_llamacpp.py REFERENCE.gguf EXPORT.gguf ... [--quantize LIBDIR]
+        [--tokenizer PATH] [--template NAME]
 
 For each export: llama.cpp's logits on a chat prompt against ours on the same file (what
 llama.cpp's arithmetic adds) and against ours on REFERENCE (an f32 export: what the type costs),
-top-1 agreement over the positions and the largest difference; then each one's greedy answer.
+top-1 agreement over the positions and the largest difference; then each one's greedy answer
+(argmax, token by token, from both).
 --quantize LIBDIR also quantises blocks with ggml's own quantize_chunk (libggml-base.so in
 LIBDIR) and compares the bytes with gguf_quant.py's.
 """
@@ -40,6 +42,18 @@ def llama_cpp_logits(path, ids):
     return torch.from_numpy(np.array(llm.scores[:len(ids)])), llm
 
 
+def llama_cpp_greedy(llm, ids, stop_ids, n):
+    out = []
+    for _ in range(n):
+        llm.reset()
+        llm.eval(ids + out)
+        token = int(np.argmax(llm.scores[len(ids) + len(out) - 1]))
+        if token in stop_ids:
+            break
+        out.append(token)
+    return out
+
+
 def compare(name, a, b):
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     print(f"  {name}: top-1 agreement {top1:.3f}, max |difference| "
@@ -65,16 +79,26 @@ def quantisers_against_ggml(libdir):
         print(f"  {name}: {same:.4f} of the blocks byte for byte as ggml's quantize_chunk")
 
 
+def option(args, name, default=None):
+    if name not in args:
+        return default
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i:i + 2]
+    return value
+
+
 def main():
     args = sys.argv[1:]
-    if "--quantize" in args:
-        i = args.index("--quantize")
+    libdir = option(args, "--quantize")
+    if libdir:
         print("quantisers against ggml:")
-        quantisers_against_ggml(args[i + 1])
-        del args[i:i + 2]
+        quantisers_against_ggml(libdir)
+    tokenizer_path = option(args, "--tokenizer")
+    template = get_template(option(args, "--template", "chatml"))
     reference, exports = args[0], args[1:]
-    tokenizer = Tokenizer.from_file(reference)
-    ids = encode_prompt(PROMPT, tokenizer, get_template("chatml"))
+    tokenizer = Tokenizer.from_file(tokenizer_path or reference)
+    ids = encode_prompt(PROMPT, tokenizer, template)
     ref, _ = our_logits(reference, ids)
     for path in exports:
         print(path)
@@ -83,11 +107,10 @@ def main():
         compare("llama.cpp vs ours, same file", theirs, ours)
         compare("llama.cpp vs ours on the f32 export", theirs, ref)
         compare("ours vs ours on the f32 export", ours, ref)
-        answer = llm.create_chat_completion([{"role": "user", "content": PROMPT}],
-                                            temperature=0.0, max_tokens=48)
-        print("  llama.cpp greedy:", repr(answer["choices"][0]["message"]["content"]))
+        answer = llama_cpp_greedy(llm, ids, tokenizer.stop_ids, 48)
+        print("  llama.cpp greedy:", repr(tokenizer.decode(answer)))
         greedy = list(generate(model, tokenizer, ids, 48, temperature=0.0))
-        print("  ours greedy:     ", repr(tokenizer.decode(greedy)))
+        print("  ours greedy:     ", repr(tokenizer.decode(greedy)), flush=True)
 
 
 if __name__ == "__main__":
