@@ -361,11 +361,12 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     from export import write_chat_template
     chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
     if config.method in ("lora", "qlora"):
-        from export import export_peft
+        from export import export_peft, peft_base_note, peft_base_path
         save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
-        export_peft(model, out / "peft", base_model_name_or_path=str(config.checkpoint or "demo"))
+        export_peft(model, out / "peft", base_model_name_or_path=peft_base_path(config.checkpoint))
         write_chat_template(out / "peft", chat_template)
-        print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})")
+        print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})"
+              + peft_base_note(config.checkpoint, out))
         if config.merge:
             if config.method == "qlora":  # 4-bit weights cannot hold W + ΔW: 16-bit ones first
                 from quant import dequantize_model
@@ -378,7 +379,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if config.merge:
         from export import export_hf
-        export_hf(model, out / "hf", tokenizer)
+        export_hf(model, out / "hf", tokenizer, template_name=config.template)
         write_chat_template(out / "hf", chat_template)
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
