@@ -181,7 +181,7 @@ def merged_tensors(checkpoint, adapter=None):
 def _adapter_tensors(directory, config):
     """{module name: {"lora_A": ..., "lora_B": ..., "magnitude": ...}} and the adapter's
     settings, after load_adapter's checks (an adapter of another model's shape is refused)."""
-    from lora import ADAPTER_CONFIG, ADAPTER_TENSORS, SHAPE_FIELDS
+    from adapter import ADAPTER_CONFIG, ADAPTER_TENSORS, SHAPE_FIELDS
     from safetensors.torch import load_file
     directory = Path(directory)
     for file in (ADAPTER_CONFIG, ADAPTER_TENSORS):

@@ -19,18 +19,19 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import atomic_write
 from errors import UserError
 from gguf_file import (ARRAY, GGML_TYPES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, GGUF_NAMES,
-                       SCALAR_FORMATS, STRING)
+                       STRING, VALUE_DTYPES)
 from gguf_quant import TYPE_IDS, quantize
 from model import ModelConfig, rope_frequencies
 
 GGUF_VERSION = 3
 ALIGNMENT = 32  # gguf_file reads general.alignment with this default; we never write another
-UINT32, INT32, FLOAT32, BOOL = 4, 5, 6, 7  # metadata value types (gguf_file.SCALAR_FORMATS)
+UINT32, INT32, FLOAT32, BOOL = 4, 5, 6, 7  # metadata value types (gguf_file.VALUE_DTYPES)
 
 KEY_TYPES = {  # every key we write → its value type; arrays as (ARRAY, item type)
     "general.architecture": STRING, "general.name": STRING, "general.file_type": UINT32,
@@ -176,8 +177,8 @@ def _value(kind, value) -> bytes:
         head = struct.pack("<IQ", item, len(value))
         if item == STRING:
             return head + b"".join(_string(v) for v in value)
-        return head + struct.pack(f"<{len(value)}{SCALAR_FORMATS[item][1]}", *value)
-    return struct.pack(SCALAR_FORMATS[kind], value)
+        return head + np.asarray(value, dtype=VALUE_DTYPES[item]).tobytes()
+    return np.asarray(value, dtype=VALUE_DTYPES[kind]).tobytes()  # the reader's dtypes
 
 
 def header_bytes(metadata: dict, plan: list) -> tuple[bytes, list]:

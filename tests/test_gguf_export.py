@@ -19,7 +19,8 @@ import gguf_quant
 import gguf_write
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import shared_path
-from lora import apply_lora, merge_lora, save_adapter
+from adapter import save_adapter
+from lora import apply_lora, merge_lora
 from model import ModelConfig, Transformer, llama3_scaling
 from tokenizer import Tokenizer
 
@@ -336,7 +337,7 @@ def test_peft_loads_the_adapter_by_itself(tmp_path):
     model's logits."""
     peft = pytest.importorskip("peft")
     import train_sft
-    from lora import load_adapter
+    from adapter import load_adapter
     base = shared_path("models", "stories260K")
     out = tmp_path / "run"
     train_sft.main([str(a) for a in [
