@@ -1,22 +1,29 @@
-"""Byte-level BPE tokenizers in GPT-2's format (SmolLM2, StarCoder, Qwen2, ...), on tiktoken.
+"""Tokenizer files of other formats: byte-level BPE in GPT-2's format (SmolLM2, StarCoder,
+Qwen2, ...), and Hugging Face's tokenizer_config.json beside any tokenizer.
 
 A vocabulary of byte strings and a list of merges, read from a llama.cpp `.gguf` file (its
-tokenizer.ggml.* metadata) or from a Hugging Face `tokenizer.json`, and written back as a
-`tokenizer.json` + `tokenizer_config.json` pair (`BPETokenizer.save`), so that a model exported
-from a GGUF file loads in transformers with its tokenizer and chat template.
+tokenizer.ggml.* metadata) or from a Hugging Face `tokenizer.json` into the parts of a
+tokenizer.BPETokenizer, and written back as a `tokenizer.json` + `tokenizer_config.json` pair
+(`BPETokenizer.save`), so that a model exported from a GGUF file loads in transformers with its
+tokenizer and chat template. The pre-tokenizer patterns, Llama-3's among them, are here too.
 
-tokenizer.py's `Tokenizer.from_file` comes here for .gguf and .json files.
+tokenizer.py's `Tokenizer.from_file` comes here for .gguf and .json files; this file never
+imports tokenizer.py (no import cycle).
 """
 import json
 from pathlib import Path
 
 import numpy as np
 
-from checkpoint import read_json, write_json
+from files import read_json, write_json
 from errors import UserError
 from records import json_type
-from tokenizer import LLAMA3_PATTERN, Tokenizer, read_chat_template
 
+# Llama-3's pre-tokenizer split (Meta's llama3/tokenizer.py): text is first cut into pieces by
+# this regex (contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces), and
+# each piece is then tokenized on its own, so no token ever spans two pieces.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Pre-tokenizer patterns. Text is first cut into pieces by one of these regexes; each piece is
 # then tokenized on its own, so no token ever spans two pieces.
 #
@@ -37,89 +44,6 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 GGUF_PRE_PATTERNS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
                      "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
                      "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
-# Generation also stops at these when the vocabulary has them: the end of a document, of a
-# ChatML turn, of a Llama-3 turn.
-STOP_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"]
-
-
-# -- Byte-level BPE (GPT-2's format) --------------------------------------------------------------
-
-class BPETokenizer(Tokenizer):
-    """Byte-level BPE: the pattern cuts the text into pieces; each piece starts as its UTF-8
-    bytes, and adjacent parts are merged, best-ranked merge first, until no merge applies.
-
-    tiktoken runs it. It merges the adjacent pair whose concatenation has the lowest rank, while
-    Hugging Face's BPE merges the pair that comes first in the merge list. Ranking every token by
-    the merge that makes it (single bytes first) makes the two choose alike on a vocabulary that
-    BPE training built, where each token is the merge of two earlier ones; the tests check it on
-    SmolLM2 and Llama-3. The vocabulary's ids are in another order (SmolLM2 puts its 17 special
-    tokens first, then the bytes by character), so `id_of_rank` maps tiktoken's ranks to ids.
-
-    vocab: the normal tokens, bytes → id; merges: (left, right) byte strings, best merge first;
-    special: control tokens, text → id. Special tokens never come out of `encode`.
-    """
-
-    def __init__(self, path: Path, vocab: dict, merges: list, special: dict, pattern: str, *,
-                 bos_id, eos_id, add_bos: bool, chat_template):
-        import tiktoken
-        self.path = path
-        self.special = special
-        self.vocab, self.merges, self.pattern = vocab, merges, pattern  # for save()
-        ranks = merge_ranks(merges)
-        for token in ranks:
-            if len(token) > 1 and token not in vocab:
-                raise UserError(f"{path}: a merge makes {token!r}, which is not in the vocabulary")
-        # A byte the vocabulary lacks (SmolLM2 has no "\x04") maps to None and is dropped from
-        # the output, as llama.cpp and Hugging Face drop it.
-        self.id_of_rank = [vocab.get(token) for token in ranks]  # ranks are 0, 1, 2, ... in order
-        # Special tokens never come out of text, so tiktoken gets none (decode is done here).
-        self.encoding = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=ranks,
-                                          special_tokens={})
-        self.bytes_of_id = {i: token for token, i in vocab.items()}
-        self.bytes_of_id.update({i: text.encode("utf-8") for text, i in special.items()})
-        if not self.bytes_of_id:
-            raise UserError(f"{path}: the vocabulary is empty")
-        self.vocab_size = max(self.bytes_of_id) + 1
-        for name, i in (("BOS", bos_id), ("EOS", eos_id)):
-            if i is not None and (type(i) is not int or i not in self.bytes_of_id):
-                raise UserError(f"{path}: the {name} token id {i!r} is not a token's id")
-        if not isinstance(chat_template, (str, type(None))):
-            raise UserError(f"{path}: the chat template is {type(chat_template).__name__}, not "
-                            "text")
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        stops = {eos_id} | {special[token] for token in STOP_TOKENS if token in special}
-        self.stop_ids = stops - {None}
-        self.add_bos = add_bos
-        self.chat_template = chat_template
-
-    def _encode(self, text):
-        ids = (self.id_of_rank[rank] for rank in self.encoding.encode_ordinary(text))
-        return [i for i in ids if i is not None]
-
-    def decode(self, ids) -> str:
-        # A token can hold part of a character's bytes, so join the bytes before decoding them.
-        text_bytes = b"".join(self.bytes_of_id[i] for i in ids)
-        return text_bytes.decode("utf-8", errors="replace")
-
-    def save(self, directory):
-        """tokenizer.json + tokenizer_config.json, as Hugging Face writes them (with the chat
-        template), so transformers' AutoTokenizer loads what this tokenizer does. Files already
-        there are kept (an export may have copied the originals)."""
-        directory = Path(directory)
-        if not (directory / "tokenizer.json").exists():
-            write_json(directory / "tokenizer.json", tokenizer_json(self))
-        if not (directory / "tokenizer_config.json").exists():
-            write_json(directory / "tokenizer_config.json", tokenizer_config(self))
-
-
-def merge_ranks(merges: list) -> dict:
-    """tiktoken's mergeable ranks: the 256 single bytes, then the token each merge makes, in merge
-    order (a token that two merges make keeps the rank of the first)."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for left, right in merges:
-        ranks.setdefault(left + right, len(ranks))
-    return ranks
 
 
 def gpt2_byte_of_char() -> dict:
@@ -173,7 +97,7 @@ def merge_pairs(merges, path: Path) -> list:
 
 # -- Hugging Face tokenizer.json ------------------------------------------------------------------
 
-def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
+def tokenizer_json_parts(path: Path) -> dict:
     """A byte-level BPE `tokenizer.json`, with `tokenizer_config.json` (BOS, EOS, add_bos,
     chat_template) and `chat_template.jinja` beside it when present. All its added_tokens count
     as special: templates insert them by id, and their text in user text stays plain text."""
@@ -203,9 +127,10 @@ def tokenizer_json_tokenizer(path: Path) -> BPETokenizer:
     add_bos = config.get("add_bos_token")
     if add_bos is None:  # then the post-processor says whether `add_special_tokens` adds BOS
         add_bos = _template_starts_with(spec.get("post_processor"), bos_token)
-    return BPETokenizer(path, vocab, merges, special, _pre_tokenizer_pattern(spec["pre_tokenizer"]),
-                        bos_id=special.get(bos_token), eos_id=special.get(eos_token),
-                        add_bos=add_bos, chat_template=read_chat_template(path, config))
+    return dict(path=path, vocab=vocab, merges=merges, special=special,
+                pattern=_pre_tokenizer_pattern(spec["pre_tokenizer"]),
+                bos_id=special.get(bos_token), eos_id=special.get(eos_token), add_bos=add_bos,
+                chat_template=read_chat_template(path, config))
 
 
 def _is_id(value) -> bool:
@@ -310,7 +235,7 @@ def _template_starts_with(post_processor: dict | None, token: str | None) -> boo
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 is a normal token)
 
 
-def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
+def gguf_tokenizer_parts(path: Path, required: bool = True) -> dict | None:
     """The byte-level BPE tokenizer ("gpt2") embedded in a GGUF file. Another kind ("llama" is
     SentencePiece) is a UserError, or None when not `required`."""
     from gguf_file import read_gguf_header  # only GGUF files need it
@@ -340,15 +265,15 @@ def gguf_tokenizer(path: Path, required: bool = True) -> BPETokenizer | None:
     merges = merge_pairs(meta.get("tokenizer.ggml.merges", []), path)
     # llama.cpp starts Llama-3 prompts with BOS unless the file says otherwise, others not.
     add_bos = meta.get("tokenizer.ggml.add_bos_token", pre == "llama-bpe")
-    return BPETokenizer(path, vocab, merges, special, GGUF_PRE_PATTERNS[pre],
-                        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                        eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                        add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
+    return dict(path=path, vocab=vocab, merges=merges, special=special,
+                pattern=GGUF_PRE_PATTERNS[pre], bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_id=meta.get("tokenizer.ggml.eos_token_id"), add_bos=add_bos,
+                chat_template=meta.get("tokenizer.chat_template"))
 
 
 # -- Writing tokenizer.json -----------------------------------------------------------------------
 
-def tokenizer_json(tokenizer: BPETokenizer) -> dict:
+def tokenizer_json(tokenizer) -> dict:
     """Hugging Face's tokenizer.json for a byte-level BPE tokenizer: the same vocabulary, merges
     and pre-tokenizer, the special tokens as added tokens (not split from text: `split_special`)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
@@ -392,7 +317,7 @@ def tokenizer_json(tokenizer: BPETokenizer) -> dict:
                       "merges": merges}}
 
 
-def tokenizer_config(tokenizer: BPETokenizer) -> dict:
+def tokenizer_config(tokenizer) -> dict:
     """tokenizer_config.json: the class to load it with, BOS/EOS, and the chat template."""
     def text(i):
         return None if i is None else tokenizer.bytes_of_id[i].decode("utf-8", errors="replace")
@@ -402,3 +327,31 @@ def tokenizer_config(tokenizer: BPETokenizer) -> dict:
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
     return config
+
+
+# -- Hugging Face's tokenizer_config.json beside any tokenizer ----------------------------------
+
+def hf_tokenizer_config(path: Path) -> dict:
+    """The tokenizer_config.json of Hugging Face's files beside a tokenizer file (one folder up
+    from original/tokenizer.model, where Llama-3's repos keep Meta's file), or {}."""
+    for directory in (path.parent, path.parent.parent):
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            return read_json(config)
+        if path.parent.name != "original":
+            break
+    return {}
+
+
+def read_chat_template(path: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or a list of named templates), else the
+    chat_template.jinja file that newer transformers save beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template
+                 if isinstance(entry, dict)}
+        template = named.get("default")
+    jinja = path.with_name("chat_template.jinja")
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import (atomic_write, hf_names, hf_permute, read_json, save_hf_checkpoint,
-                        save_safetensors, write_json)
+from checkpoint import hf_names, hf_permute, save_hf_checkpoint
 from errors import ArgumentParser, UserError, run_cli
+from files import atomic_write, read_json, save_safetensors, write_json
 from lora import HF_TARGET_NAMES, lora_layers, lora_settings, merge_lora
+from modelfile import end_ids, template_end_id
 
 # Hugging Face tokenizer files copied from the base checkpoint's directory when it has them
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -121,27 +122,6 @@ def export_hf(model: nn.Module, directory, tokenizer=None, tokenizer_dir=None, d
 
 
 # ---------------------------------------------------------------- where generation ends
-
-def end_ids(tokenizer, template_name: str | None) -> list:
-    """Every id at which generation must stop, as our generate() stops: the tokenizer's stop ids
-    (EOS, and <|im_end|>, <|eot_id|>, <|endoftext|> where the vocabulary has them) plus the end
-    token of the chat template."""
-    from data import TEMPLATES
-    ids = set(tokenizer.stop_ids)
-    template = TEMPLATES.get(template_name)
-    if template is not None and template.end_token:
-        ids.add(tokenizer.special_id(template.end_token))
-    return sorted(ids)
-
-
-def template_end_id(tokenizer, template_name: str | None):
-    """The token that ends an answer in this template: its end token, else EOS."""
-    from data import TEMPLATES
-    template = TEMPLATES.get(template_name)
-    if template is not None and template.end_token:
-        return tokenizer.special_id(template.end_token)
-    return tokenizer.eos_id
-
 
 def write_generation_config(directory, tokenizer, template_name: str | None):
     """generation_config.json: transformers' generate() stops at any of eos_token_id, so it
@@ -324,7 +304,7 @@ def write_peft_base(run_path: Path, run: dict | None, checkpoint, tokenizer):
     if run is None or not peft_config.is_file():
         raise UserError(f"--peft-base needs a finished LoRA run with a peft/ directory; "
                         f"{run_path} is not one")
-    from checkpoint import load_checkpoint, read_json
+    from checkpoint import load_checkpoint
     base_dir = run_path / "peft-base"
     model, _ = load_checkpoint(checkpoint)
     export_hf(model, base_dir, tokenizer)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (REQUIRED, check_layer_count, config_value, model_config, name_map,
-                        read_json, read_state_dict, read_torch_file, state_dict_of)
+from files import (REQUIRED, check_layer_count, config_value, model_config, name_map, read_json,
+                   read_state_dict, read_torch_file, state_dict_of)
 from errors import UserError
 from model import FLAG, POSITIVE, SIZE, ModelConfig, Transformer, llama3_scaling
 

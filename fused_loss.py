@@ -4,7 +4,8 @@ The model's own loss (model.Transformer.loss) computes the logits of every posit
 vocab) numbers, then their cross-entropy. For a 128k vocabulary at batch 8 × 2048 the float32
 logits alone are 8 GiB, and autograd keeps them (and their gradient) for the backward pass.
 `chunked_loss` gives the same sum and the same gradients, a chunk of positions at a time, and
-never keeps a chunk's logits; the training step picks it (train_sft.py: batch_loss). `compile_for_training` hands the blocks and the chunk loss to
+never keeps a chunk's logits; the training step picks it (train_sft.py: batch_loss).
+`compile_for_training` hands the blocks and the chunk loss to
 torch.compile, which fuses their elementwise work into fewer kernels.
 """
 import functools

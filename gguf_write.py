@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import atomic_write
+from files import atomic_write
 from errors import UserError
 from gguf_file import (ARRAY, GGML_TYPES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, GGUF_NAMES,
                        STRING, VALUE_DTYPES)
@@ -254,7 +254,7 @@ def tokenizer_metadata(tokenizer, chat_template: str | None, end_id: int | None)
     each token's type, the special ids, whether prompts start with BOS, the pre-tokenizer's name,
     and the chat template. `end_id`: the end-of-turn token of the template (written as
     eot_token_id when it is not EOS, so every consumer stops there)."""
-    from bpe import BPETokenizer
+    from tokenizer import BPETokenizer
     from tokenizer import SentencePieceTokenizer, TiktokenTokenizer
     if isinstance(tokenizer, BPETokenizer) and _is_gguf(tokenizer.path):
         metadata = _gguf_tokenizer_keys(tokenizer.path)

@@ -13,7 +13,7 @@ the assistant's turn. Another format gets no TEMPLATE (Ollama then passes the te
 '''
 from pathlib import Path
 
-from checkpoint import atomic_write
+from files import atomic_write
 
 # {instruction}, {system}, {output} of data.TEMPLATES in Go template syntax
 GO_TEMPLATES = {
@@ -52,7 +52,6 @@ def token_text(tokenizer, token_id: int) -> str:
 
 def modelfile_text(gguf_name: str, tokenizer, template_name: str | None) -> str:
     from data import TEMPLATES, default_system_prompt
-    from export import end_ids
     lines = [f"FROM ./{gguf_name}", ""]
     template = GO_TEMPLATES.get(template_name)
     if template is not None:
@@ -82,3 +81,26 @@ def write_modelfile(gguf: Path, tokenizer, template_name: str | None) -> Path:
     text = modelfile_text(gguf.name, tokenizer, template_name)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+# ---------------------------------------------------------------- end tokens (also for export.py)
+
+def end_ids(tokenizer, template_name: str | None) -> list:
+    """Every id at which generation must stop, as our generate() stops: the tokenizer's stop ids
+    (EOS, and <|im_end|>, <|eot_id|>, <|endoftext|> where the vocabulary has them) plus the end
+    token of the chat template."""
+    from data import TEMPLATES
+    ids = set(tokenizer.stop_ids)
+    template = TEMPLATES.get(template_name)
+    if template is not None and template.end_token:
+        ids.add(tokenizer.special_id(template.end_token))
+    return sorted(ids)
+
+
+def template_end_id(tokenizer, template_name: str | None):
+    """The token that ends an answer in this template: its end token, else EOS."""
+    from data import TEMPLATES
+    template = TEMPLATES.get(template_name)
+    if template is not None and template.end_token:
+        return tokenizer.special_id(template.end_token)
+    return tokenizer.eos_id

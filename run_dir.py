@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_write, write_json
+from files import atomic_write, write_json
 from errors import UserError, disk_full_cause
 from resume import (INPUTS, check_resume, damaged, describe_inputs, going_on_note,
                     settings_of)

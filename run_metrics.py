@@ -4,7 +4,7 @@ directory)."""
 import json
 from pathlib import Path
 
-from checkpoint import atomic_write
+from files import atomic_write
 from run_dir import METRICS, writing
 
 

@@ -18,12 +18,6 @@ from pathlib import Path
 
 from errors import UserError, utf8_problem
 
-# Llama-3's pre-tokenizer split (Meta's llama3/tokenizer.py): text is first cut into pieces by
-# this regex (contractions, words, 1-3 digit numbers, punctuation runs, newlines, spaces), and
-# each piece is then tokenized on its own, so no token ever spans two pieces.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -58,11 +52,11 @@ class Tokenizer:
         with open(path, "rb") as f:
             head = f.readline(4096)
         if head.startswith(b"GGUF"):  # byte-level BPE read from other formats: bpe.py
-            from bpe import gguf_tokenizer
-            return gguf_tokenizer(path)
+            from bpe import gguf_tokenizer_parts
+            return BPETokenizer(**gguf_tokenizer_parts(path))
         if head.lstrip().startswith(b"{"):  # a JSON object: Hugging Face's tokenizer.json
-            from bpe import tokenizer_json_tokenizer
-            return tokenizer_json_tokenizer(path)
+            from bpe import tokenizer_json_parts
+            return BPETokenizer(**tokenizer_json_parts(path))
         if _is_tiktoken_line(head):
             return TiktokenTokenizer(path)
         return SentencePieceTokenizer(path)
@@ -89,7 +83,7 @@ class Tokenizer:
         """Put the tokenizer beside a saved model, as `tokenizer.model`: the name every loader
         looks for, with a tokenizer_config.json for its chat template. Files already there are
         kept (an export may have copied the originals)."""
-        from checkpoint import atomic_write, write_json
+        from files import atomic_write, write_json
         target = Path(directory) / "tokenizer.model"
         if not target.exists():
             atomic_write(target, lambda tmp: shutil.copyfile(self.path, tmp))
@@ -119,6 +113,93 @@ class ByteTokenizer(Tokenizer):
         pass  # nothing to save: the demo builds it from nothing
 
 
+# Generation also stops at these when the vocabulary has them: the end of a document, of a
+# ChatML turn, of a Llama-3 turn.
+STOP_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"]
+
+
+# -- Byte-level BPE (GPT-2's format; bpe.py reads it from tokenizer.json or GGUF) -------------------
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: the pattern cuts the text into pieces; each piece starts as its UTF-8
+    bytes, and adjacent parts are merged, best-ranked merge first, until no merge applies.
+
+    tiktoken runs it. It merges the adjacent pair whose concatenation has the lowest rank, while
+    Hugging Face's BPE merges the pair that comes first in the merge list. Ranking every token by
+    the merge that makes it (single bytes first) makes the two choose alike on a vocabulary that
+    BPE training built, where each token is the merge of two earlier ones; the tests check it on
+    SmolLM2 and Llama-3. The vocabulary's ids are in another order (SmolLM2 puts its 17 special
+    tokens first, then the bytes by character), so `id_of_rank` maps tiktoken's ranks to ids.
+
+    vocab: the normal tokens, bytes → id; merges: (left, right) byte strings, best merge first;
+    special: control tokens, text → id. Special tokens never come out of `encode`.
+    """
+
+    def __init__(self, path: Path, vocab: dict, merges: list, special: dict, pattern: str, *,
+                 bos_id, eos_id, add_bos: bool, chat_template):
+        import tiktoken
+        self.path = path
+        self.special = special
+        self.vocab, self.merges, self.pattern = vocab, merges, pattern  # for save()
+        ranks = merge_ranks(merges)
+        for token in ranks:
+            if len(token) > 1 and token not in vocab:
+                raise UserError(f"{path}: a merge makes {token!r}, which is not in the vocabulary")
+        # A byte the vocabulary lacks (SmolLM2 has no "\x04") maps to None and is dropped from
+        # the output, as llama.cpp and Hugging Face drop it.
+        self.id_of_rank = [vocab.get(token) for token in ranks]  # ranks are 0, 1, 2, ... in order
+        # Special tokens never come out of text, so tiktoken gets none (decode is done here).
+        self.encoding = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=ranks,
+                                          special_tokens={})
+        self.bytes_of_id = {i: token for token, i in vocab.items()}
+        self.bytes_of_id.update({i: text.encode("utf-8") for text, i in special.items()})
+        if not self.bytes_of_id:
+            raise UserError(f"{path}: the vocabulary is empty")
+        self.vocab_size = max(self.bytes_of_id) + 1
+        for name, i in (("BOS", bos_id), ("EOS", eos_id)):
+            if i is not None and (type(i) is not int or i not in self.bytes_of_id):
+                raise UserError(f"{path}: the {name} token id {i!r} is not a token's id")
+        if not isinstance(chat_template, (str, type(None))):
+            raise UserError(f"{path}: the chat template is {type(chat_template).__name__}, not "
+                            "text")
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        stops = {eos_id} | {special[token] for token in STOP_TOKENS if token in special}
+        self.stop_ids = stops - {None}
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+
+    def _encode(self, text):
+        ids = (self.id_of_rank[rank] for rank in self.encoding.encode_ordinary(text))
+        return [i for i in ids if i is not None]
+
+    def decode(self, ids) -> str:
+        # A token can hold part of a character's bytes, so join the bytes before decoding them.
+        text_bytes = b"".join(self.bytes_of_id[i] for i in ids)
+        return text_bytes.decode("utf-8", errors="replace")
+
+    def save(self, directory):
+        """tokenizer.json + tokenizer_config.json, as Hugging Face writes them (with the chat
+        template), so transformers' AutoTokenizer loads what this tokenizer does. Files already
+        there are kept (an export may have copied the originals)."""
+        from bpe import tokenizer_config, tokenizer_json
+        from files import write_json
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").exists():
+            write_json(directory / "tokenizer.json", tokenizer_json(self))
+        if not (directory / "tokenizer_config.json").exists():
+            write_json(directory / "tokenizer_config.json", tokenizer_config(self))
+
+
+def merge_ranks(merges: list) -> dict:
+    """tiktoken's mergeable ranks: the 256 single bytes, then the token each merge makes, in merge
+    order (a token that two merges make keeps the rank of the first)."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for left, right in merges:
+        ranks.setdefault(left + right, len(ranks))
+    return ranks
+
+
 def _is_tiktoken_line(line: bytes) -> bool:
     parts = line.split()
     if len(parts) != 2 or not parts[1].isdigit():
@@ -142,10 +223,10 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     checkpoint = existing_checkpoint(checkpoint)
     model_file = single_file_checkpoint(checkpoint)  # (a folder may hold a .gguf)
     if model_file is not None and _is_gguf(model_file):
-        from bpe import gguf_tokenizer
-        embedded = gguf_tokenizer(model_file, required=False)
+        from bpe import gguf_tokenizer_parts
+        embedded = gguf_tokenizer_parts(model_file, required=False)
         if embedded is not None:
-            return embedded
+            return BPETokenizer(**embedded)
     return Tokenizer.from_file(checkpoint if checkpoint.is_dir() else checkpoint.parent)
 
 
@@ -161,33 +242,6 @@ def encode_text(text: str, tokenizer: "Tokenizer", continuation: bool = False) -
                         "answer cannot be tokenized as the prompt's continuation (LLaMA "
                         "vocabularies encode '\\n' as a byte)")
     return ids[len(anchor):]
-
-
-def hf_tokenizer_config(path: Path) -> dict:
-    """The tokenizer_config.json of Hugging Face's files beside a tokenizer file (one folder up
-    from original/tokenizer.model, where Llama-3's repos keep Meta's file), or {}."""
-    from checkpoint import read_json
-    for directory in (path.parent, path.parent.parent):
-        config = directory / "tokenizer_config.json"
-        if config.is_file():
-            return read_json(config)
-        if path.parent.name != "original":
-            break
-    return {}
-
-
-def read_chat_template(path: Path, config: dict) -> str | None:
-    """tokenizer_config.json's chat_template (a string, or a list of named templates), else the
-    chat_template.jinja file that newer transformers save beside it."""
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {entry.get("name"): entry.get("template") for entry in template
-                 if isinstance(entry, dict)}
-        template = named.get("default")
-    jinja = path.with_name("chat_template.jinja")
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template
 
 
 def check_vocabulary(tokenizer, model_vocab: int):
@@ -243,6 +297,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.stop_ids = {self.eos_id, self.bos_id}
         self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                         if self.sp.is_control(i) or self.sp.is_unknown(i)}  # <unk> <s> </s>
+        from bpe import hf_tokenizer_config, read_chat_template  # (Hugging Face's files beside it)
         config = hf_tokenizer_config(path)
         self.chat_template = read_chat_template(path, config)
         self.legacy = config.get("legacy", True)
@@ -258,6 +313,8 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, path: Path):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
+
+        from bpe import LLAMA3_PATTERN, hf_tokenizer_config, read_chat_template
         self.path = path
         try:
             ranks = load_tiktoken_bpe(str(path))

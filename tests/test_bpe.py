@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from bpe import BPETokenizer
 from conftest import shared_path
 from errors import UserError
 from test_tokenizer import LLAMA3_REFERENCE, ROUND_TRIP
-from tokenizer import (LLAMA3_PATTERN, LLAMA3_SPECIAL, SentencePieceTokenizer, Tokenizer,
+from bpe import LLAMA3_PATTERN
+from tokenizer import (LLAMA3_SPECIAL, BPETokenizer, SentencePieceTokenizer, Tokenizer,
                        checkpoint_tokenizer)
 
 

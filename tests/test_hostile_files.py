@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import gguf_file
-from checkpoint import load_checkpoint, read_checkpoint, read_torch_file
+from checkpoint import load_checkpoint, read_checkpoint
+from files import read_torch_file
 from errors import UserError
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, checkpoint_tokenizer

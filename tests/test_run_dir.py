@@ -29,7 +29,7 @@ import resume
 import run_dir
 import train_sft
 from adapter import save_adapter
-from checkpoint import atomic_write
+from files import atomic_write
 from conftest import ROOT, shared_path
 from errors import UserError, run_cli
 from model import ModelConfig, Transformer
