@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-import default_model
+from formats import default_model
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from lora import parse_targets
@@ -75,7 +75,7 @@ class TrainConfig:
 
 # The demo (`python train_sft.py`, or --checkpoint tiny) trains a small random model from scratch,
 # by default on examples/alpaca_demo.json (README: Two commands): it shows the whole pipeline,
-# offline, not a useful model. --data alone trains a real one (default_model.py).
+# offline, not a useful model. --data alone trains a real one (formats/default_model.py).
 DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
@@ -105,7 +105,7 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask)")
     a("--out", default=d.out, help="output directory: new, empty, or a run of this project")
     a("--method", choices=["lora", "qlora", "full"], default=d.method,
-      help="LoRA adapters, QLoRA (LoRA on a 4-bit NF4 base: quant.py) or full fine-tuning")
+      help="LoRA adapters, QLoRA (LoRA on a 4-bit NF4 base: speed/quant.py) or full fine-tuning")
     a("--lora-r", type=positive_int, default=d.lora.r, help="LoRA rank")
     a("--lora-alpha", type=positive_float, default=d.lora.alpha,
       help="LoRA alpha; the update is scaled by alpha/r")

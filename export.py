@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import hf_names, hf_permute, save_hf_checkpoint
+from formats.checkpoint import hf_names, hf_permute, save_hf_checkpoint
 from errors import ArgumentParser, UserError, run_cli
-from files import atomic_write, read_json, save_safetensors, write_json
+from formats.files import atomic_write, read_json, save_safetensors, write_json
 from lora import HF_TARGET_NAMES, lora_layers, lora_settings, merge_lora
-from modelfile import end_ids, template_end_id
+from formats.modelfile import end_ids, template_end_id
 
 # Hugging Face tokenizer files copied from the base checkpoint's directory when it has them
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -110,7 +110,7 @@ def export_hf(model: nn.Module, directory, tokenizer=None, tokenizer_dir=None, d
             tokenizer_files = [source]
         else:
             tokenizer_files = [source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-    from quant import dequantize_model  # (QLoRA: 4-bit weights cannot hold W + ΔW)
+    from speed.quant import dequantize_model  # (QLoRA: 4-bit weights cannot hold W + ΔW)
     merge_lora(dequantize_model(model))
     save_hf_checkpoint(model, directory, dtype=dtype)
     for f in tokenizer_files:
@@ -139,7 +139,7 @@ def merged_tensors(checkpoint, adapter=None):
     time: each weight with an adapter is folded (W + s·B A, or DoRA's rescaled rows, by the
     adapter layer's own merged_weight) as it is read. A tied head with an adapter becomes its
     own matrix: the config then says untied."""
-    from checkpoint import _unneeded, read_checkpoint
+    from formats.checkpoint import _unneeded, read_checkpoint
     config, tensors = read_checkpoint(checkpoint)
     layers, settings = {}, None
     if adapter is not None:
@@ -161,7 +161,7 @@ def merged_tensors(checkpoint, adapter=None):
 def _adapter_tensors(directory, config):
     """{module name: {"lora_A": ..., "lora_B": ..., "magnitude": ...}} and the adapter's
     settings, after load_adapter's checks (an adapter of another model's shape is refused)."""
-    from adapter import ADAPTER_CONFIG, ADAPTER_TENSORS, SHAPE_FIELDS
+    from formats.adapter import ADAPTER_CONFIG, ADAPTER_TENSORS, SHAPE_FIELDS
     from safetensors.torch import load_file
     directory = Path(directory)
     for file in (ADAPTER_CONFIG, ADAPTER_TENSORS):
@@ -201,8 +201,8 @@ def export_gguf(checkpoint, path, tokenizer, file_type="f16", adapter=None,
                 template_name=None, chat_template=None, name="model"):
     """Write the merged model as a GGUF file, tensor by tensor (gguf_write.write_gguf), with
     the tokenizer, the chat template and every end token in its metadata."""
-    from gguf_write import (gguf_names, model_metadata, rope_factors, tensor_plan,
-                            tokenizer_metadata, write_gguf)
+    from formats.gguf_write import (gguf_names, model_metadata, rope_factors, tensor_plan,
+                                    tokenizer_metadata, write_gguf)
     config, tensors = merged_tensors(checkpoint, adapter)
     metadata = {**model_metadata(config, file_type, name),
                 **tokenizer_metadata(tokenizer, chat_template,
@@ -223,7 +223,7 @@ def export_gguf(checkpoint, path, tokenizer, file_type="f16", adapter=None,
 
 def parse_args(argv=None):
     from data import TEMPLATES
-    from gguf_write import FILE_TYPES
+    from formats.gguf_write import FILE_TYPES
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("source", help="a training run's --out directory (its model/, or its adapter/ on its base "
@@ -251,7 +251,7 @@ def parse_args(argv=None):
 def main(argv=None):
     import argparse
     from generate import resolve_run_dir
-    from run_dir import run_config
+    from run.run_dir import run_config
     from tokenizer import ByteTokenizer, checkpoint_tokenizer
     args = parse_args(argv)
     run = run_config(args.source)
@@ -269,7 +269,7 @@ def main(argv=None):
         template_name, chat_template = chat_format(run, args.template, tokenizer)
         config = export_gguf(checkpoint, gguf, tokenizer, args.type, adapter, template_name,
                              chat_template, name=gguf.stem)
-        from modelfile import write_modelfile
+        from formats.modelfile import write_modelfile
         modelfile = write_modelfile(gguf, tokenizer, template_name)
         print(f"wrote {gguf} ({args.type}, {config.n_layers} layers, "
               f"{gguf.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
@@ -304,7 +304,7 @@ def write_peft_base(run_path: Path, run: dict | None, checkpoint, tokenizer):
     if run is None or not peft_config.is_file():
         raise UserError(f"--peft-base needs a finished LoRA run with a peft/ directory; "
                         f"{run_path} is not one")
-    from checkpoint import load_checkpoint
+    from formats.checkpoint import load_checkpoint
     base_dir = run_path / "peft-base"
     model, _ = load_checkpoint(checkpoint)
     export_hf(model, base_dir, tokenizer)

@@ -143,7 +143,7 @@ def resolve_run_dir(args):
     Returns (checkpoint, adapter, tokenizer: a path, None or a ByteTokenizer, the run's config);
     paths that are not a run come back as given, with config None. A one-line note on stderr says
     what was chosen."""
-    from run_dir import run_config
+    from run.run_dir import run_config
     from tokenizer import ByteTokenizer
     config = run_config(args.checkpoint)
     if config is None:
@@ -181,7 +181,7 @@ def load_for_generation(args):
     """(model, tokenizer, template) of the --checkpoint (a run, a model, with --adapter), for
     generate.py and chat.py. The template: --template; auto is the run's own (config.json), else
     the checkpoint's chat template, else none. Said on stderr."""
-    from checkpoint import load_checkpoint
+    from formats.checkpoint import load_checkpoint
     from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
     checkpoint, adapter, tokenizer, run = resolve_run_dir(args)
     precision = args.precision or default_precision(args.device)
@@ -190,7 +190,7 @@ def load_for_generation(args):
     model, _ = load_checkpoint(checkpoint, device=args.device, dtype=PRECISIONS[precision])
     check_vocabulary(tokenizer, model.config.vocab_size)
     if adapter:
-        from adapter import load_adapter
+        from formats.adapter import load_adapter
         load_adapter(model, adapter)
     if args.template == "auto" and run and run.get("template"):
         template = get_template(run["template"])

@@ -238,7 +238,7 @@ def apply_lora(model: nn.Module, targets, r: int = 16, alpha: float = 32, dropou
 
 
 def _weight_in_buffers(module: nn.Module) -> bool:
-    """A linear layer whose weight is not a parameter: an NF4 base (quant.py) keeps its weight
+    """A linear layer whose weight is not a parameter: an NF4 base (speed/quant.py) keeps its weight
     as 4-bit codes in buffers."""
     own_parameters = dict(module.named_parameters(recurse=False))
     return isinstance(module, nn.Linear) and "weight" not in own_parameters

@@ -10,7 +10,7 @@ checkpoint.py (and formats.py, gguf_file.py); this file only knows the architect
 
 Conventions: weight names are ours (`layers.3.attn.q_proj.weight`); q/k rows are in Meta's
 original order, where RoPE rotates adjacent pairs (x[2i], x[2i+1]). Hugging Face stores q/k
-permuted; checkpoint.py undoes that in one place.
+permuted; formats/checkpoint.py undoes that in one place.
 """
 import math
 from dataclasses import dataclass

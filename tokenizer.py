@@ -51,11 +51,11 @@ class Tokenizer:
             raise UserError(f"tokenizer file not found: {path}")
         with open(path, "rb") as f:
             head = f.readline(4096)
-        if head.startswith(b"GGUF"):  # byte-level BPE read from other formats: bpe.py
-            from bpe import gguf_tokenizer_parts
+        if head.startswith(b"GGUF"):  # byte-level BPE read from other formats: formats/bpe.py
+            from formats.bpe import gguf_tokenizer_parts
             return BPETokenizer(**gguf_tokenizer_parts(path))
         if head.lstrip().startswith(b"{"):  # a JSON object: Hugging Face's tokenizer.json
-            from bpe import tokenizer_json_parts
+            from formats.bpe import tokenizer_json_parts
             return BPETokenizer(**tokenizer_json_parts(path))
         if _is_tiktoken_line(head):
             return TiktokenTokenizer(path)
@@ -83,7 +83,7 @@ class Tokenizer:
         """Put the tokenizer beside a saved model, as `tokenizer.model`: the name every loader
         looks for, with a tokenizer_config.json for its chat template. Files already there are
         kept (an export may have copied the originals)."""
-        from files import atomic_write, write_json
+        from formats.files import atomic_write, write_json
         target = Path(directory) / "tokenizer.model"
         if not target.exists():
             atomic_write(target, lambda tmp: shutil.copyfile(self.path, tmp))
@@ -118,7 +118,7 @@ class ByteTokenizer(Tokenizer):
 STOP_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>"]
 
 
-# -- Byte-level BPE (GPT-2's format; bpe.py reads it from tokenizer.json or GGUF) -------------------
+# -- Byte-level BPE (GPT-2's format; formats/bpe.py reads it from tokenizer.json or GGUF) ------
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: the pattern cuts the text into pieces; each piece starts as its UTF-8
@@ -182,8 +182,8 @@ class BPETokenizer(Tokenizer):
         """tokenizer.json + tokenizer_config.json, as Hugging Face writes them (with the chat
         template), so transformers' AutoTokenizer loads what this tokenizer does. Files already
         there are kept (an export may have copied the originals)."""
-        from bpe import tokenizer_config, tokenizer_json
-        from files import write_json
+        from formats.bpe import tokenizer_config, tokenizer_json
+        from formats.files import write_json
         directory = Path(directory)
         if not (directory / "tokenizer.json").exists():
             write_json(directory / "tokenizer.json", tokenizer_json(self))
@@ -217,13 +217,13 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None) -> Tokenizer:
     checkpoint's directory: the checkpoint itself when it is a directory, else the directory of
     the checkpoint file (stories260K.gguf embeds a SentencePiece vocabulary, and its
     tok512.model lies beside it)."""
-    from checkpoint import existing_checkpoint, single_file_checkpoint
+    from formats.checkpoint import existing_checkpoint, single_file_checkpoint
     if tokenizer:
         return Tokenizer.from_file(tokenizer)
     checkpoint = existing_checkpoint(checkpoint)
     model_file = single_file_checkpoint(checkpoint)  # (a folder may hold a .gguf)
     if model_file is not None and _is_gguf(model_file):
-        from bpe import gguf_tokenizer_parts
+        from formats.bpe import gguf_tokenizer_parts
         embedded = gguf_tokenizer_parts(model_file, required=False)
         if embedded is not None:
             return BPETokenizer(**embedded)
@@ -297,7 +297,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.stop_ids = {self.eos_id, self.bos_id}
         self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                         if self.sp.is_control(i) or self.sp.is_unknown(i)}  # <unk> <s> </s>
-        from bpe import hf_tokenizer_config, read_chat_template  # (Hugging Face's files beside it)
+        from formats.bpe import hf_tokenizer_config, read_chat_template  # (HF's files beside it)
         config = hf_tokenizer_config(path)
         self.chat_template = read_chat_template(path, config)
         self.legacy = config.get("legacy", True)
@@ -314,7 +314,7 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        from bpe import LLAMA3_PATTERN, hf_tokenizer_config, read_chat_template
+        from formats.bpe import LLAMA3_PATTERN, hf_tokenizer_config, read_chat_template
         self.path = path
         try:
             ranks = load_tiktoken_bpe(str(path))

@@ -28,23 +28,23 @@ from tqdm import tqdm
 
 import data
 from batching import StepBatches, batch_efficiency, make_batches
-from checkpoint import load_checkpoint, save_checkpoint
+from formats.checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
 from generate import generate
-from adapter import save_adapter
+from formats.adapter import save_adapter
 from lora import apply_lora, count_parameters, merge_lora, parse_targets
-from memory import estimate_memory, memory_line, peak_gib, peak_memory_line
+from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
-from run_dir import load_state, prepare_out, record_effective, save_state, undo_start
-from run_metrics import drop_metrics_after, log_metrics, plot_losses
+from run.run_dir import load_state, prepare_out, record_effective, save_state, undo_start
+from run.run_metrics import drop_metrics_after, log_metrics, plot_losses
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
 def main(argv=None):
     config = parse_args(argv, description=__doc__)
-    dist = start_distributed()  # torchrun: data parallel (distributed.py); otherwise None
+    dist = start_distributed()  # torchrun: data parallel (run/distributed.py); otherwise None
     if dist:
         config = replace(config, device=dist.device, world_size=dist.world)
     if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
@@ -64,7 +64,7 @@ def main(argv=None):
             dist.parallelize(model, shard=config.method == "full")
             torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
         if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
-            from fused_loss import compile_for_training
+            from speed.fused_loss import compile_for_training
             compile_for_training(model)
         memory = estimate_memory(model, replace(config, seq_len=batches.longest))
         log.say(memory_line(memory, config.device))
@@ -176,7 +176,7 @@ def batch_loss(model, batch, device, precision, loss_chunk=0):
     with autocast:
         if loss_chunk > 0 and type(model.lm_head) is torch.nn.Linear:
             # the same sum without the (batch·seq × vocab) logits: speed/fused_loss.py
-            from fused_loss import chunked_loss
+            from speed.fused_loss import chunked_loss
             return chunked_loss(model, **inputs, chunk_size=loss_chunk)
         return model.loss(**inputs)
 
@@ -209,12 +209,12 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
     """AdamW. Weight decay (if any) only on matrices: it pulls weights toward 0, which for LoRA's
     A and B means toward the pretrained model, a sensible pull; norm gains belong near 1, not 0.
-    adamw_state "bf16": the moments stored in bf16 (optim.py, --adamw-state)."""
+    adamw_state "bf16": the moments stored in bf16 (speed/optim.py, --adamw-state)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if adamw_state == "bf16":
-        from optim import AdamWBf16State
+        from speed.optim import AdamWBf16State
         return AdamWBf16State(groups, lr=lr, betas=(0.9, 0.999))
     fused = str(device).startswith("cuda")  # one kernel for all parameters on a GPU
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
@@ -237,10 +237,10 @@ def build_model(config: TrainConfig, log):
         model.init_weights()  # (in float32, then rounded once to the weights' dtype)
         model.to(base_dtype)
         if config.method == "qlora":
-            from quant import quantize_model
+            from speed.quant import quantize_model
             quantize_model(model, compute_dtype=base_dtype)
     else:
-        from default_model import default_note
+        from formats.default_model import default_note
         note = default_note(config.checkpoint)  # None unless --checkpoint was left out
         if note:
             log.say(note)
@@ -249,7 +249,7 @@ def build_model(config: TrainConfig, log):
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
     if config.method == "qlora":  # the frozen embedding need not take GPU memory
-        from quant import embedding_to_host
+        from speed.quant import embedding_to_host
         embedding_to_host(model)
     if config.method in ("lora", "qlora"):
         torch.manual_seed(config.seed)
@@ -369,7 +369,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
               + peft_base_note(config.checkpoint, out))
         if config.merge:
             if config.method == "qlora":  # 4-bit weights cannot hold W + ΔW: 16-bit ones first
-                from quant import dequantize_model
+                from speed.quant import dequantize_model
                 dequantize_model(model)
             merge_lora(model)
     if config.method == "full" or config.merge:
@@ -389,10 +389,10 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
 
 def start_distributed():
     """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
-    else None. distributed.py is imported only then."""
+    else None. run/distributed.py is imported only then."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    from distributed import Distributed
+    from run.distributed import Distributed
     return Distributed()
 
 

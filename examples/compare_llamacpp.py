@@ -9,7 +9,7 @@ llama.cpp's arithmetic adds) and against ours on REFERENCE (an f32 export: what 
 top-1 agreement over the positions and the largest difference; then each one's greedy answer
 (argmax, token by token, from both).
 --quantize LIBDIR also quantises blocks with ggml's own quantize_chunk (libggml-base.so in
-LIBDIR) and compares the bytes with gguf_quant.py's.
+LIBDIR) and compares the bytes with formats/gguf_quant.py's.
 """
 import ctypes
 import sys
@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checkpoint import load_checkpoint  # noqa: E402
+from formats.checkpoint import load_checkpoint  # noqa: E402
 from data import encode_prompt, get_template  # noqa: E402
 from generate import generate  # noqa: E402
-from gguf_quant import TYPE_IDS, quantize  # noqa: E402
+from formats.gguf_quant import TYPE_IDS, quantize  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Give three tips for staying healthy."

@@ -22,7 +22,7 @@ from errors import UserError  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # A real pretrained instruct model, from the package registry: SmolLM2-135M-Instruct, the model
-# train_sft.py trains when --checkpoint is left out (default_model.py). The tests keep it in
+# train_sft.py trains when --checkpoint is left out (formats/default_model.py). The tests keep it in
 # models/ (ignored by git), and so does every train_sft.py they start: nothing is fetched twice.
 MODELS = ROOT / "models"
 os.environ[default_model.CACHE_ENV] = str(MODELS)
@@ -71,14 +71,14 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
-    """SmolLM2's own tokenizer: byte-level BPE, read from the GGUF file (bpe.py)."""
+    """SmolLM2's own tokenizer: byte-level BPE, read from the GGUF file (formats/bpe.py)."""
     return Tokenizer.from_file(smollm2_path)
 
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_path):
     """SmolLM2-135M-Instruct in float32, read by our loader (each Q4_1 block dequantised)."""
-    from checkpoint import load_checkpoint
+    from formats.checkpoint import load_checkpoint
     return load_checkpoint(smollm2_path)[0].eval()
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_path
 from errors import UserError
 from test_tokenizer import LLAMA3_REFERENCE, ROUND_TRIP
-from bpe import LLAMA3_PATTERN
+from formats.bpe import LLAMA3_PATTERN
 from tokenizer import (LLAMA3_SPECIAL, BPETokenizer, SentencePieceTokenizer, Tokenizer,
                        checkpoint_tokenizer)
 

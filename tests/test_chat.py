@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import chat
-from checkpoint import load_checkpoint
+from formats.checkpoint import load_checkpoint
 from conftest import shared_path
 from data import TEMPLATES, encode_prompt, resolve_template
 from errors import run_cli

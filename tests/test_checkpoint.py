@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-from checkpoint import (config_from_hf, config_to_hf, load_checkpoint, save_checkpoint,
-                        save_hf_checkpoint)
+from formats import checkpoint
+from formats.checkpoint import (config_from_hf, config_to_hf, load_checkpoint, save_checkpoint,
+                                save_hf_checkpoint)
 from conftest import shared_path
 from errors import UserError
-from formats import config_from_meta
+from formats.meta_llama2c import config_from_meta
 from model import PRESETS, ModelConfig, Transformer
 
 # the reference oracle (requirements-dev.txt); without it only the tests comparing with it

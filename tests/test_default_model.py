@@ -14,9 +14,9 @@ import zipfile
 import pytest
 
 import data
-import default_model
+from formats import default_model
 import train_sft
-from checkpoint import load_checkpoint
+from formats.checkpoint import load_checkpoint
 from config import DEMO, DEMO_CONFIG, DEMO_DATA, TrainConfig
 from conftest import ROOT
 from errors import UserError

@@ -1,11 +1,11 @@
-"""Correctness guard for the levers bench.py measures: the compiled blocks and chunk loss, the
+"""Correctness guard for the levers bench/bench.py measures: the compiled blocks and chunk loss, the
 chunked LinearCrossEntropy and packed rows must give the loss of the plain path (float32: to
 rounding; bf16 autocast: to bf16 tolerance)."""
 import copy
 
 import torch
 
-from fused_loss import chunked_loss, compile_for_training
+from speed.fused_loss import chunked_loss, compile_for_training
 from model import IGNORE_INDEX, ModelConfig, Transformer
 
 

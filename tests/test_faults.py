@@ -2,7 +2,7 @@
 
 - kill -9 at random moments (during saves too), then --resume until done: the final weights are
   bit for bit those of an uninterrupted run, and no temporary file is left.
-- bench.py: the CPU example of its own docstring runs; every flag has a help text and its
+- bench/bench.py: the CPU example of its own docstring runs; every flag has a help text and its
   default; a bad flag is one line.
 
 Everything runs as subprocesses, as a user would (python train_sft.py ...).
@@ -114,7 +114,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path):
     assert len(kills) >= 3, kills  # (a moment can pass unseen, polled every millisecond: rarely)
 
 
-# ---------------------------------------------------------------- bench.py
+# ---------------------------------------------------------------- bench/bench.py
 
 def test_bench_runs_its_own_cpu_example():
     done = run([sys.executable, "bench.py", "--shape", "tiny", "--device", "cpu", "--steps", "2"])
@@ -126,7 +126,7 @@ def test_bench_runs_its_own_cpu_example():
 
 def bench_in_process(argv, capsys):
     """bench.py's main under run_cli, in-process (its flags are checked before anything runs)."""
-    import bench as bench_script
+    from bench import bench as bench_script
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(bench_script.main, argv)

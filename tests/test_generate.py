@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from formats.checkpoint import load_checkpoint
 from conftest import help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate, sample_next

@@ -14,12 +14,12 @@ import torch
 from gguf import GGMLQuantizationType as GGMLType
 
 import export
-import gguf_file
-import gguf_quant
-import gguf_write
-from checkpoint import load_checkpoint, save_checkpoint
+from formats import gguf_file
+from formats import gguf_quant
+from formats import gguf_write
+from formats.checkpoint import load_checkpoint, save_checkpoint
 from conftest import shared_path
-from adapter import save_adapter
+from formats.adapter import save_adapter
 from lora import apply_lora, merge_lora
 from model import ModelConfig, Transformer, llama3_scaling
 from tokenizer import Tokenizer
@@ -337,7 +337,7 @@ def test_peft_loads_the_adapter_by_itself(tmp_path):
     model's logits."""
     peft = pytest.importorskip("peft")
     import train_sft
-    from adapter import load_adapter
+    from formats.adapter import load_adapter
     base = shared_path("models", "stories260K")
     out = tmp_path / "run"
     train_sft.main([str(a) for a in [

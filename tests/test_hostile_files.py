@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import gguf_file
-from checkpoint import load_checkpoint, read_checkpoint
-from files import read_torch_file
+from formats import gguf_file
+from formats.checkpoint import load_checkpoint, read_checkpoint
+from formats.files import read_torch_file
 from errors import UserError
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, checkpoint_tokenizer
@@ -238,7 +238,7 @@ def hf_folder(tmp_path, config=HF_CONFIG):
     """A Hugging Face folder of the TINY model (random weights under HF's names)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY))
-    from checkpoint import save_hf_checkpoint
+    from formats.checkpoint import save_hf_checkpoint
     save_hf_checkpoint(model, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
@@ -298,7 +298,7 @@ def test_an_index_without_a_weight_map(tmp_path, index):
 
 
 def test_our_own_format_with_unknown_keys_or_too_many_layers(tmp_path):
-    from checkpoint import save_checkpoint
+    from formats.checkpoint import save_checkpoint
     save_checkpoint(Transformer(ModelConfig(**TINY)), tmp_path)
     path = tmp_path / "model_config.json"
     path.write_text(json.dumps({**TINY, "n_layers": 10**7}))

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, save_hf_checkpoint
+from formats.checkpoint import load_checkpoint, save_hf_checkpoint
 from errors import UserError
 from export import export_hf, export_peft
-from adapter import load_adapter, save_adapter
+from formats.adapter import load_adapter, save_adapter
 from lora import (LoRALinear, apply_lora, count_parameters, lora_layers, lora_settings,
                   lora_state_dict, merge_lora, parse_targets)
 from model import ModelConfig, Transformer

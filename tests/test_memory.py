@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lora import apply_lora
-from memory import estimate_memory
+from run.memory import estimate_memory
 from model import ModelConfig, Transformer
 from projections import is_target, replace_module
-from quant import DEFAULT_TARGETS, HostEmbedding, NF4Linear
+from speed.quant import DEFAULT_TARGETS, HostEmbedding, NF4Linear
 from train_sft import DEMO_CONFIG, TrainConfig
 
 SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
@@ -17,7 +17,7 @@ SMOLLM2 = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=
                       tie_embeddings=True)
 # (shape, method, batch, seq, grad_ckpt, LoRA dropout, trained weights ("fp32", "pure-bf16", or
 # "adamw-bf16": float32 weights with AdamW's moments in bf16), --compile, GPUs, measured peak GiB
-# per GPU). bench.py rows: LoRA r=16 on all seven projections, no dropout; measured
+# per GPU). bench/bench.py rows: LoRA r=16 on all seven projections, no dropout; measured
 # 2026-11-26 on an H100 (the torchrun row on 2× H200) with today's code (docs/performance.md).
 # SmolLM2 rows: train_sft.py, eager, dropout 0.05, batch 8 of Alpaca records whose widest batch
 # is 471 tokens (measured in the previous session, before the compiled-only changes since).

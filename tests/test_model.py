@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from fused_loss import chunked_loss
+from speed.fused_loss import chunked_loss
 from model import (IGNORE_INDEX, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary_embedding,
                    rope_angles, rope_frequencies)
 

@@ -1,9 +1,9 @@
-"""optim.py: AdamW with bf16 moments (--adamw-state bf16). Stochastic rounding is unbiased and
+"""speed/optim.py: AdamW with bf16 moments (--adamw-state bf16). Stochastic rounding is unbiased and
 repeatable; the update is torch.optim.AdamW's; a state_dict round trip keeps the moments bf16 and
 continues bit for bit."""
 import torch
 
-from optim import AdamWBf16State, round_to_bf16
+from speed.optim import AdamWBf16State, round_to_bf16
 
 
 def test_rounding_is_unbiased_and_goes_only_to_the_two_neighbours():

@@ -1,9 +1,9 @@
 """profiling.py: what `bench.py --profile` reports (kernel classes, the peak's allocations)."""
 import pytest
 
-import profiling
+from bench import profiling
 
-# kernel names as an H100 profile of bench.py and of the peer shows them
+# kernel names as an H100 profile of bench/bench.py and of the peer shows them
 KERNELS = [
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
@@ -38,11 +38,11 @@ def test_peak_allocations_lists_what_is_alive_at_the_peak():
     assert lines[0] == "memory at the step's peak: 5.00 GiB"  # 1 before + 3 + 1, not 1 + 1 + 2
     assert lines[1].split()[-2:] == ["1.00", "GiB"]
     rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2] for line in lines[2:]}
-    assert rows == {"model.py:120 forward": "3.00", "fused_loss.py:57 forward": "1.00"}
+    assert rows == {"model.py:120 forward": "3.00", "speed/fused_loss.py:57 forward": "1.00"}
 
 
 def test_bench_profile_on_a_cpu_prints_time_by_class_and_the_bound(capsys):
-    import bench
+    from bench import bench
     bench.main(["--shape", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
                 "--profile"])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""NF4 quantisation (quant.py): the level table, the packed format, the error it makes, and a
+"""NF4 quantisation (speed/quant.py): the level table, the packed format, the error it makes, and a
 QLoRA model (4-bit frozen base + LoRA adapters) that trains and merges back to a plain model.
 
 The error bounds below were measured on seeded data and given a margin; the numbers are those
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import lora
 from errors import UserError
 from model import ModelConfig, Transformer
-from quant import (NF4_LEVELS, NF4Linear, dequantize_model, dequantize_nf4, nf4_bytes,
-                   nf4_levels_from_normal, pack_codes, quantize_model, quantize_nf4,
-                   quantized_bytes, unpack_codes)
+from speed.quant import (NF4_LEVELS, NF4Linear, dequantize_model, dequantize_nf4, nf4_bytes,
+                         nf4_levels_from_normal, pack_codes, quantize_model, quantize_nf4,
+                         quantized_bytes, unpack_codes)
 
 
 def relative_error(approx, exact):
@@ -215,7 +215,7 @@ def test_qlora_trains_only_the_adapters_and_merges():
 def test_quantise_while_loading_a_real_checkpoint(tmp_path):
     """load_checkpoint(quantize=True) on stories260K: every projection is NF4, the rest is not,
     and the model still predicts its reference sequence (the float32 loss is 0.1804)."""
-    from checkpoint import load_checkpoint
+    from formats.checkpoint import load_checkpoint
     from conftest import shared_path
     path = shared_path("models", "stories260K")
     model, config = load_checkpoint(path, quantize=True)
@@ -232,7 +232,7 @@ def test_quantise_while_loading_a_real_checkpoint(tmp_path):
 def test_train_sft_qlora_end_to_end(tmp_path):
     """--method qlora trains adapters on an NF4 base and --merge exports a plain 16-bit model."""
     import train_sft
-    from checkpoint import load_checkpoint
+    from formats.checkpoint import load_checkpoint
     from conftest import shared_path
     out = tmp_path / "run"
     train_sft.main(["--checkpoint", str(shared_path("models", "stories260K")), "--method", "qlora",
@@ -247,7 +247,7 @@ def test_train_sft_qlora_end_to_end(tmp_path):
 def test_host_embedding_looks_up_the_same_rows_and_keeps_its_name():
     """QLoRA's embedding in CPU memory (quant.HostEmbedding): the same vectors as the model's own
     embedding, frozen, under the same state_dict key (checkpoints and exports do not change)."""
-    from quant import HostEmbedding
+    from speed.quant import HostEmbedding
     model = tiny_model(tie_embeddings=False)
     tokens = torch.randint(0, model.config.vocab_size, (2, 9))
     before = model.loss(tokens, tokens)
@@ -260,7 +260,7 @@ def test_host_embedding_looks_up_the_same_rows_and_keeps_its_name():
 
 
 def test_embedding_to_host_leaves_cpu_models_and_tied_embeddings_alone():
-    from quant import HostEmbedding, embedding_to_host
+    from speed.quant import HostEmbedding, embedding_to_host
     model = tiny_model(tie_embeddings=False)
     embedding_to_host(model)  # already in CPU memory: nothing to move
     assert type(model.embed_tokens) is nn.Embedding

@@ -1,4 +1,4 @@
-"""run_dir.py and checkpoint.atomic_write: a run never destroys what it did not write, never
+"""run/run_dir.py and checkpoint.atomic_write: a run never destroys what it did not write, never
 dead-ends, and every mistake or fault around its directory is one line.
 
 1. An --out that is, holds or contains a model, data or others' files: refused, nothing written.
@@ -25,11 +25,11 @@ import torch
 from safetensors import SafetensorError
 
 import lora
-import resume
-import run_dir
+from run import resume
+from run import run_dir
 import train_sft
-from adapter import save_adapter
-from files import atomic_write
+from formats.adapter import save_adapter
+from formats.files import atomic_write
 from conftest import ROOT, shared_path
 from errors import UserError, run_cli
 from model import ModelConfig, Transformer

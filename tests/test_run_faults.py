@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_dir
-import run_metrics
+from run import run_dir
+from run import run_metrics
 import train_sft
 from conftest import ROOT
 from errors import UserError, run_cli

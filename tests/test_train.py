@@ -21,11 +21,11 @@ import torch
 import batching
 import data
 import train_sft
-from checkpoint import load_checkpoint
+from formats.checkpoint import load_checkpoint
 from conftest import ROOT, help_blocks, shared_path
 from errors import UserError, run_cli
 from generate import generate
-from adapter import load_adapter
+from formats.adapter import load_adapter
 from model import ModelConfig, Transformer
 from tokenizer import ByteTokenizer
 

@@ -2,7 +2,7 @@
 
     out/config.json      the settings, where the inputs are and what they hold: --resume checks them
     out/checkpoint.pt    trainable weights, AdamW state, step, RNG states, in one atomic file
-    out/metrics.jsonl    one row per step and per evaluation (run_metrics.py)
+    out/metrics.jsonl    one row per step and per evaluation (run/run_metrics.py)
     out/loss.png         the curves, drawn at the end (if matplotlib is installed)
     out/.lock            locked while a run uses the directory, so that two runs never share it
 
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_write, write_json
+from formats.files import atomic_write, write_json
 from errors import UserError, disk_full_cause
-from resume import (INPUTS, check_resume, damaged, describe_inputs, going_on_note,
-                    settings_of)
+from run.resume import INPUTS, check_resume, damaged, describe_inputs, going_on_note, settings_of
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
 CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"

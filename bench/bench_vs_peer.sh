@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Side by side on one GPU, in one command: the strongest peer stack of each row and bench.py, same
-# shape and flags, one JSON line each. The peer is Hugging Face transformers + PEFT with Liger
-# kernels (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy); for QLoRA, with bitsandbytes NF4.
-# Ours runs with --compile (extra flags for bench.py only go in $OURS, e.g. OURS="--compile
-# --profile").
-#   bash bench_vs_peer.sh PEER_SCRIPT 1b 8b          # PEER_SCRIPT: the harness peer_hf_peft.py
+# Side by side on one GPU, in one command: the strongest peer stack of each row and ours
+# (python -m bench), same shape and flags, one JSON line each. The peer is Hugging Face
+# transformers + PEFT with Liger kernels (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy);
+# for QLoRA, with bitsandbytes NF4. Ours runs with --compile (extra flags for ours only go in
+# $OURS, e.g. OURS="--compile --profile").
+#   bash bench/bench_vs_peer.sh bench/peer_hf_peft.py 1b 8b    # the peer harness beside it
 # Groups: 1b (llama-3.2-1b LoRA and full), 8b (llama-3-8b / llama-2-7b LoRA), 8b-long (seq 4096),
 # qlora (llama-3-8b QLoRA with checkpointing), plain (the 1B and 8B LoRA rows against HF+PEFT
 # alone).
 set -u
-peer=$1
+peer=$(realpath "$1")
+cd "$(dirname "$0")/.."  # the project root: python -m bench runs from there
 shift
 OURS=${OURS:---compile}
 run() {  # one benchmark script and its flags: its JSON line (or its error), and with
-  # OURS="--compile --profile" bench.py's profile of the row (kernel time by class, memory peak)
+  # OURS="--compile --profile" our profile of the row (kernel time by class, memory peak)
   timeout 500 python3 "$@" 2>&1 | grep -v '^Backend impl' |
     grep -E '^\{|Error|error|^one step|^  |^matmul ceiling|^the [0-9]+ costliest|^memory at'
 }
@@ -22,14 +23,14 @@ pair() {  # $1: the peer's own flags; the rest: flags for both
   shift
   echo "# $* | peer: ${peer_flags:-plain HF+PEFT} | ours: $OURS"
   run "$peer" "$@" $peer_flags
-  run bench.py "$@" $OURS
+  run -m bench "$@" $OURS
 }
 for group in "$@"; do
   case $group in
     1b)
       pair --liger --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
       pair --liger --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048
-      run bench.py --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048 \
+      run -m bench --shape llama-3.2-1b --method full --batch-size 8 --seq-len 2048 \
         --pure-bf16 $OURS
       ;;
     8b)

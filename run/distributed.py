@@ -11,7 +11,7 @@ ranks (`share`), averages the logged loss over them (`mean`), and at the end ran
 results from an unsharded copy of the model (`gather_model`).
 
 train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set: see
-train_sft.start_distributed, which bench.py uses too).
+train_sft.start_distributed, which bench/bench.py uses too).
 """
 import os
 import sys

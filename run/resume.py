@@ -1,5 +1,5 @@
 """What --resume compares: every setting that changes the trained weights, and the inputs by
-what they hold, so that a resumed run is the run it claims to continue (run_dir.py calls it).
+what they hold, so that a resumed run is the run it claims to continue (run/run_dir.py calls it).
 
 A data file is the same input when it holds the same bytes (size and sha256 in config.json),
 wherever it lies; a checkpoint or a tokenizer when it is the same path, resolved. A difference is

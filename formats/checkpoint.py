@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from files import (OBJECT, REQUIRED, _count_safetensors, _read_safetensors, check_layer_count,
-                   config_value, model_config, name_map, read_json, read_state_dict,
-                   save_safetensors, write_json)
+from formats.files import (OBJECT, REQUIRED, _count_safetensors, _read_safetensors,
+                           check_layer_count, config_value, model_config, name_map, read_json,
+                           read_state_dict, save_safetensors, write_json)
 from model import FLAG, LLAMA3_SCALING_RULES, POSITIVE, SIZE, ModelConfig, Rule, Transformer
 from projections import is_target, replace_module
-from quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
+from speed.quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
 from records import json_type
 
 
@@ -107,18 +107,18 @@ def read_checkpoint(path):
     if path.is_dir() and (path / "model_config.json").exists():
         return read_own(path)
     # The other formats live in their own modules, imported only for a checkpoint in one of them.
-    import formats
-    import gguf_file
+    from formats import meta_llama2c
+    from formats import gguf_file
 
     if path.is_dir() and (path / "params.json").exists():
-        return formats.read_meta(path)
+        return meta_llama2c.read_meta(path)
     f = single_file_checkpoint(path)
     if f is not None and f.suffix == ".pt":
-        return formats.read_llama2c_pt(f)
+        return meta_llama2c.read_llama2c_pt(f)
     if f is not None and f.suffix == ".gguf":
         return gguf_file.read_gguf(f)
     if f is not None:
-        return formats.read_llama2c_bin(f, formats.llama2c_bin_config(f))
+        return meta_llama2c.read_llama2c_bin(f, meta_llama2c.llama2c_bin_config(f))
     if path.suffix == ".safetensors" and (path.parent / "config.json").exists():
         return read_hf(path.parent)
     raise UserError(f"{path}: no checkpoint found. Expected a Hugging Face directory (config.json "
@@ -130,10 +130,11 @@ def read_checkpoint(path):
 def single_file_checkpoint(path: Path) -> Path | None:
     """The file a one-file checkpoint is read from: `path` itself, or the first file of the
     folder `path` (by name) that is a .pt, a .gguf or a llama2.c .bin; None if there is none."""
-    import formats
+    from formats import meta_llama2c
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     for f in files:
-        if f.suffix in (".pt", ".gguf") or (f.suffix == ".bin" and formats.llama2c_bin_config(f)):
+        llama2c_bin = f.suffix == ".bin" and meta_llama2c.llama2c_bin_config(f)
+        if f.suffix in (".pt", ".gguf") or llama2c_bin:
             return f
     return None
 

@@ -6,7 +6,7 @@
 
 Both use Meta's tensor names (`layers.0.attention.wq.weight`) and Meta's q/k row order, which is
 ours: only the names change. Each reader returns (config, iterator of (name in the file, our
-name, tensor)), like those of checkpoint.py, which picks the reader (read_checkpoint).
+name, tensor)), like those of formats/checkpoint.py, which picks the reader (read_checkpoint).
 """
 import math
 import struct
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import (REQUIRED, check_layer_count, config_value, model_config, name_map, read_json,
-                   read_state_dict, read_torch_file, state_dict_of)
+from formats.files import (REQUIRED, check_layer_count, config_value, model_config, name_map,
+                           read_json, read_state_dict, read_torch_file, state_dict_of)
 from errors import UserError
 from model import FLAG, POSITIVE, SIZE, ModelConfig, Transformer, llama3_scaling
 

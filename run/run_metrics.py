@@ -1,11 +1,11 @@
 """metrics.jsonl and loss.png: what a run logs at each step and evaluation, read back for the
-plot and cut back to the checkpoint's step on --resume (run_dir.py has the rest of the run's
+plot and cut back to the checkpoint's step on --resume (run/run_dir.py has the rest of the run's
 directory)."""
 import json
 from pathlib import Path
 
-from files import atomic_write
-from run_dir import METRICS, writing
+from formats.files import atomic_write
+from run.run_dir import METRICS, writing
 
 
 def log_metrics(out: Path, row: dict):

@@ -12,7 +12,7 @@ truncates, hence their "+ 0.5".
 """
 import torch
 
-from gguf_file import GGML_TYPES
+from formats.gguf_file import GGML_TYPES
 
 TYPE_IDS = {kind.name: type_id for type_id, kind in GGML_TYPES.items()}  # "Q4_K" -> 12
 BLOCKS_AT_ONCE = 16384  # the k-quant searches make ~20 candidates per block: bound that memory

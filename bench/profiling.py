@@ -1,4 +1,4 @@
-"""Where one training step's time and memory go: what `bench.py --profile` prints.
+"""Where one training step's time and memory go: what `bench/bench.py --profile` prints.
 
 Time: every kernel of one step, summed by class (matrix products, attention, the elementwise work
 around them, the optimizer, copies), set against the matmul ceiling of this GPU: one large bf16

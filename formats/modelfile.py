@@ -13,7 +13,7 @@ the assistant's turn. Another format gets no TEMPLATE (Ollama then passes the te
 '''
 from pathlib import Path
 
-from files import atomic_write
+from formats.files import atomic_write
 
 # {instruction}, {system}, {output} of data.TEMPLATES in Go template syntax
 GO_TEMPLATES = {

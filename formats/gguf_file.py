@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from files import REQUIRED, check_layer_count, config_value, model_config, name_map
+from formats.files import REQUIRED, check_layer_count, config_value, model_config, name_map
 from errors import UserError
 from model import POSITIVE, SIZE, ModelConfig, Rule, llama3_scaling, rope_frequencies
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from files import read_json, write_json
+from formats.files import read_json, write_json
 from errors import UserError
 from records import json_type
 
@@ -238,7 +238,7 @@ CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (1 is a normal 
 def gguf_tokenizer_parts(path: Path, required: bool = True) -> dict | None:
     """The byte-level BPE tokenizer ("gpt2") embedded in a GGUF file. Another kind ("llama" is
     SentencePiece) is a UserError, or None when not `required`."""
-    from gguf_file import read_gguf_header  # only GGUF files need it
+    from formats.gguf_file import read_gguf_header  # only GGUF files need it
     path = Path(path)
     meta = read_gguf_header(path).metadata
     kind = meta.get("tokenizer.ggml.model")

@@ -8,7 +8,7 @@
                  block's input and recomputes the rest
     logits       one --loss-chunk of (positions × vocabulary) logits and their gradient
 
-Checked against the measured peaks of bench.py's rows on an H100 (README: Performance).
+Checked against the measured peaks of bench/bench.py's rows on an H100 (README: Performance).
 """
 import torch
 

@@ -36,7 +36,7 @@ def name_map(names: dict, layer_names: dict, layer_prefix: str, n_layers: int) -
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over `path`: a crash mid-write leaves the old file whole.
     (os.replace is atomic on POSIX when both paths are on one filesystem, hence the tmp beside it.)
-    The tmp is named .NAME.XXXXXXXX.tmp; run_dir.py removes those a kill -9 leaves behind.
+    The tmp is named .NAME.XXXXXXXX.tmp; run/run_dir.py removes those a kill -9 leaves behind.
     A full disk is a UserError that says the previous file is kept; nothing else is caught."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from files import save_safetensors, write_json
+from formats.files import save_safetensors, write_json
 from errors import UserError
 from lora import apply_lora, lora_settings, lora_state_dict
 

@@ -1,0 +1,1 @@
+"""File formats and exports: checkpoints, GGUF, tokenizer files, adapters, Ollama."""

@@ -1,0 +1,1 @@
+"""The run directory: --out, checkpoints, resume, metrics, the memory estimate, torchrun."""
