@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED = ROOT.parent / "shared"
 
-import default_model  # noqa: E402  (after the sys.path line above)
+from formats import default_model  # noqa: E402  (after the sys.path line above)
 from errors import UserError  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
