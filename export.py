@@ -257,7 +257,7 @@ def main(argv=None):
     run = run_config(args.source)
     resolve = argparse.Namespace(checkpoint=args.source, adapter=args.adapter,
                                  tokenizer=args.tokenizer)
-    checkpoint, adapter, tokenizer = resolve_run_dir(resolve)
+    checkpoint, adapter, tokenizer, _ = resolve_run_dir(resolve)
     if not isinstance(tokenizer, ByteTokenizer):
         tokenizer = checkpoint_tokenizer(checkpoint, tokenizer)
     if args.peft_base:

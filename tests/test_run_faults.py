@@ -60,7 +60,8 @@ def train(tmp_path_factory) -> Path:
 
 def lora_argv(train, out, *extra) -> list[str]:
     """The demo model with LoRA (dropout 0.05, the default), 4 steps of 2 examples."""
-    argv = ["--data", train, "--out", out, "--template", "none", "--seq-len", 64, "--batch-size", 2,
+    argv = ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
+            "--seq-len", 64, "--batch-size", 2,
             "--val-split", 0, "--warmup-steps", 1, "--max-steps", 4, "--save-every", 100,
             "--method", "lora", *extra]
     return [str(a) for a in argv]
