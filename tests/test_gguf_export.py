@@ -296,7 +296,9 @@ def test_smollm2_export_keeps_tokenizer_and_chat_template(smollm2_path, smollm2_
     source = gguf_file.read_gguf_header(smollm2_path).metadata
     exported = gguf_file.read_gguf_header(smollm2_q8).metadata
     for key, value in source.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and isinstance(value, np.ndarray):  # numeric arrays
+            assert np.array_equal(exported[key], value), key
+        elif key.startswith("tokenizer."):
             assert exported[key] == value, key
     again = Tokenizer.from_file(smollm2_q8)
     text = "Give three tips for staying healthy, 2024 edition!"
