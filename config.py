@@ -11,7 +11,7 @@ from formats import default_model
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from lora import parse_targets
-from model import PRECISIONS, ModelConfig, default_precision
+from model import DEFAULT_PRECISION, PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
 from records import data_file
 from tokenizer import ByteTokenizer
@@ -60,7 +60,7 @@ class TrainConfig:
     save_every: int = 200
     sample_prompt: str | None = None
     seed: int = 42
-    precision: str | None = None   # None: bf16 on GPUs that have it, else fp16; fp32 on CPU
+    precision: str | None = None   # None: model.default_precision
     grad_ckpt: bool = False
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
@@ -139,7 +139,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--seed", type=seed, default=d.seed,
       help="seed for adapter init, data order and dropout, in [0, 2**63)")
     a("--precision", choices=list(PRECISIONS),
-      help="autocast precision (default: bf16 on GPUs that have it, else fp16; fp32 on CPU)")
+      help=f"the dtype the products run in, under autocast; trained weights stay float32 "
+      f"(default: {DEFAULT_PRECISION})")
     a("--grad-ckpt", action="store_true",
       help="activation checkpointing: recompute each block in backward")
     a("--pure-bf16", action="store_true", help="full fine-tuning in bf16 throughout (weights, "

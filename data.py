@@ -8,8 +8,7 @@ r"""Instruction data → token ids with a loss mask → batches.
       ─► batching.make_batches (pad + group by length, or pack)
       ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
-    python data.py --data ../shared/data/alpaca_data_1k.json \
-                   --tokenizer ../shared/models/llama2-tokenizer --show 2
+    python data.py --data examples/alpaca_demo.json --tokenizer $M --show 2   # M: a model
 
 This file reads top to bottom: one example and its loss mask (encode_example, with a worked
 example), then what it stands on (the templates, tokenizing a conversation), then a whole data set,
@@ -59,7 +58,7 @@ def encode_example(record: dict, tokenizer: Tokenizer, template: "Template", max
     The simplest case: one Alpaca record, Stanford Alpaca's prompt, the Llama-2 tokenizer
     (tests/test_data.py runs these lines, so the ids are the real ones):
 
-    >>> tok = Tokenizer.from_file("../shared/models/llama2-tokenizer/tokenizer.model")
+    >>> tok = Tokenizer.from_file("tests/fixtures/models/llama2-tokenizer/tokenizer.model")
     >>> record = {"instruction": "Name the capital of France.", "output": "Paris."}
     >>> ids, labels = encode_example(record, tok, TEMPLATES["alpaca"], max_seq_len=512)
     >>> ids     # BOS, "Below is an instruction ... ### Response:\n", then "Par" "is" "." and EOS

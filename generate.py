@@ -1,6 +1,6 @@
 """Sample text from a checkpoint (optionally with a LoRA adapter and a chat template).
 
-    python generate.py --checkpoint ../shared/models/stories260K --prompt "Once upon a time"
+    python generate.py --checkpoint tests/fixtures/models/stories260K --prompt "Once upon a time"
     python generate.py --checkpoint out --template alpaca --prompt "Name a color."  # a run's --out
 
 Decoding runs the prompt through the model once ("prefill"), keeping every layer's keys and
@@ -15,7 +15,7 @@ import torch
 from data import TEMPLATES, encode_prompt, get_template, resolve_template
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
                     non_negative_float, positive_int, run_cli, seed)
-from model import PRECISIONS, KVCache, Transformer, default_precision
+from model import DEFAULT_PRECISION, PRECISIONS, KVCache, Transformer, default_precision
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -133,7 +133,8 @@ def parse_args(argv=None, description: str = __doc__, chat: bool = False):
     a("--seed", type=seed, default=1337, help="seed of the sampling, in [0, 2**63)")
     a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
     a("--precision", choices=["bf16", "fp16", "fp32"],
-      help="weights dtype (default: bf16 on CUDA, fp32 otherwise)")
+      help=f"the dtype the products run in; the weights are loaded in it, as nothing is "
+      f"trained (default: {DEFAULT_PRECISION})")
     return p.parse_args(argv)
 
 

@@ -25,10 +25,11 @@ from errors import UserError
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding tokens); PyTorch's default
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
+DEFAULT_PRECISION = "bf16 on GPUs that have it, else fp16; fp32 on a CPU"  # (default_precision)
 
 
 def default_precision(device: str) -> str:
-    """bf16 on GPUs that have it (float32's range, half the bytes), else fp16; fp32 on a CPU."""
+    """DEFAULT_PRECISION: bf16 has float32's range in half the bytes; fp16 needs loss scaling."""
     if not str(device).startswith("cuda"):
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

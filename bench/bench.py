@@ -3,7 +3,7 @@
     python -m bench --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
     python -m bench --shape tiny --device cpu --steps 2      # a CPU smoke test (from the root)
 
-The same measurement as ../shared/bench/peer_hf_peft.py (Hugging Face transformers + PEFT): same
+The same measurement as bench/peer_hf_peft.py (Hugging Face transformers + PEFT): same
 shapes, flags and JSON fields, random weights (speed does not depend on the values). It runs the
 training step of train_sft.py itself (make_optimizer + train_step), not a special fast path.
 
@@ -22,7 +22,8 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
 from speed.fused_loss import compile_for_training
 from lora import HF_TARGET_NAMES, apply_lora, count_parameters, parse_targets
 from run.memory import estimate_memory
-from model import IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer, default_precision
+from model import (DEFAULT_PRECISION, IGNORE_INDEX, PRECISIONS, PRESETS, ModelConfig, Transformer,
+                   default_precision)
 from projections import PROJECTIONS, is_target, replace_module
 from speed.quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
 from train_sft import TrainConfig, count_targets, make_optimizer, start_distributed, train_step
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     a("--loss-chunk", type=non_negative_int, default=1024,
       help="positions per output-head chunk (0 = whole batch)")
     a("--precision", choices=["bf16", "fp16", "fp32"],
-      help="autocast precision (default: bf16 on CUDA, fp32 otherwise)")
+      help=f"the dtype the products run in, under autocast (default: {DEFAULT_PRECISION})")
     a("--device", type=device_name, default=default_device(), help="cpu, cuda, cuda:N or mps")
     a("--profile", action="store_true",
       help="after timing, print one step's kernel time by class against the matmul ceiling, and "

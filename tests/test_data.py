@@ -44,9 +44,9 @@ def test_the_worked_example_at_the_top_of_data_py_is_real(monkeypatch):
     report = []
     attempted = 0
     for test in doctest.DocTestFinder().find(data):
-        for example in test.examples:  # the example names ../shared's copy of the tokenizer
+        for example in test.examples:  # the example names the tokenizer from the root
             example.source = example.source.replace(
-                "../shared/models/llama2-tokenizer/tokenizer.model", str(tokenizer))
+                "tests/fixtures/models/llama2-tokenizer/tokenizer.model", str(tokenizer))
         failed, tried = runner.run(test, out=report.append)
         assert failed == 0, "".join(report)
         attempted += tried

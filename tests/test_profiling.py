@@ -1,4 +1,4 @@
-"""profiling.py: what `bench.py --profile` reports (kernel classes, the peak's allocations)."""
+"""bench/profiling.py: what `python -m bench --profile` reports (kernel classes, the peak)."""
 import pytest
 
 from bench import profiling
@@ -28,7 +28,7 @@ def test_kernel_class(name, kind):
 def test_peak_allocations_lists_what_is_alive_at_the_peak():
     ours = [{"filename": "/usr/lib/python3/site-packages/torch/nn/functional.py", "line": 1,
              "name": "linear"}, {"filename": "/repo/model.py", "line": 120, "name": "forward"}]
-    loss = [{"filename": "/repo/fused_loss.py", "line": 57, "name": "forward"}]
+    loss = [{"filename": "/repo/speed/fused_loss.py", "line": 57, "name": "forward"}]
     trace = [dict(action="alloc", addr=1, size=3 * 2**30, frames=ours),
              dict(action="alloc", addr=2, size=2**30, frames=loss),
              dict(action="free_requested", addr=1, size=3 * 2**30, frames=ours),
@@ -38,7 +38,7 @@ def test_peak_allocations_lists_what_is_alive_at_the_peak():
     assert lines[0] == "memory at the step's peak: 5.00 GiB"  # 1 before + 3 + 1, not 1 + 1 + 2
     assert lines[1].split()[-2:] == ["1.00", "GiB"]
     rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2] for line in lines[2:]}
-    assert rows == {"model.py:120 forward": "3.00", "speed/fused_loss.py:57 forward": "1.00"}
+    assert rows == {"model.py:120 forward": "3.00", "fused_loss.py:57 forward": "1.00"}
 
 
 def test_bench_profile_on_a_cpu_prints_time_by_class_and_the_bound(capsys):

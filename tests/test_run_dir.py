@@ -472,7 +472,8 @@ def test_stale_temporary_files_are_removed_on_start(saved_run, capsys):
     assert (out / "notes.tmp").read_text() == (out / ".hidden.tmp").read_text() == "mine"
 
 
-HOLD_OUT = """import sys, train_sft, run_dir
+HOLD_OUT = """import sys, train_sft
+from run import run_dir
 run_dir.prepare_out(train_sft.parse_args(sys.argv[1:]))
 print("ready", flush=True)
 sys.stdin.read()
