@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.files import read_json, write_json
+from formats.files import read_json
 from errors import UserError
 from records import json_type
 

@@ -10,12 +10,7 @@ Each reader returns (config, tensors): tensors yields (name in the file, our nam
 lazily. `load_checkpoint` checks every shape against the config and moves tensors one at a time
 into a model built on the "meta" device (no memory), so a 7B model never needs two copies in RAM.
 """
-import json
-import os
-import pickle
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, fields as dataclass_fields
 from pathlib import Path
 
@@ -25,10 +20,9 @@ from errors import UserError
 from formats.files import (OBJECT, REQUIRED, _count_safetensors, _read_safetensors,
                            check_layer_count, config_value, model_config, name_map, read_json,
                            read_state_dict, save_safetensors, write_json)
-from model import FLAG, LLAMA3_SCALING_RULES, POSITIVE, SIZE, ModelConfig, Rule, Transformer
+from model import FLAG, LLAMA3_SCALING_RULES, POSITIVE, SIZE, ModelConfig, Transformer
 from projections import is_target, replace_module
 from speed.quant import DEFAULT_TARGETS as QUANTIZED_LAYERS, NF4Linear
-from records import json_type
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, quantize: bool = False):

@@ -3,7 +3,6 @@ the KV cache kept across turns (generate.PrefixCache)."""
 import io
 
 import pytest
-import torch
 
 import chat
 from formats.checkpoint import load_checkpoint

@@ -32,8 +32,9 @@ from run import run_dir
 from run import run_metrics
 import train_sft
 from conftest import ROOT
-from errors import UserError, run_cli
+from errors import UserError
 from test_faults import has_rows, run, train_argv
+from test_run_dir import assert_one_line_error, cli
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
 
@@ -65,25 +66,6 @@ def lora_argv(train, out, *extra) -> list[str]:
             "--val-split", 0, "--warmup-steps", 1, "--max-steps", 4, "--save-every", 100,
             "--method", "lora", *extra]
     return [str(a) for a in argv]
-
-
-def cli(argv, capsys):
-    """train_sft.main as the command line runs it: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        run_cli(train_sft.main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *expected):
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    for text in expected:
-        assert text in err, err
 
 
 def saved_state(out: Path) -> dict:
