@@ -27,6 +27,16 @@ def one_line_error(call, *args) -> str:
     return message
 
 
+def one_line_error_and_peak(call, *args) -> tuple[str, int]:
+    """one_line_error(call, *args), and the most bytes Python held while it ran."""
+    tracemalloc.start()
+    try:
+        message = one_line_error(call, *args)
+        return message, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 # ---------------------------------------------------------------- GGUF, written byte by byte
 
 U8, U32, I32, F32, BOOL, STRING, ARRAY, U64 = 0, 4, 5, 6, 7, 8, 9, 10
@@ -126,10 +136,7 @@ def test_the_crafted_tiny_gguf_loads(tmp_path):
 
 def test_a_claim_of_ten_million_layers_is_one_line_in_bounded_memory(tmp_path):
     path = write(tmp_path / "layers.gguf", gguf_bytes(model_metadata(10**7), tiny_tensors()))
-    tracemalloc.start()
-    message = one_line_error(load_checkpoint, path)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    message, peak = one_line_error_and_peak(load_checkpoint, path)
     assert message == (f"{path}: the config says 10000000 layers, but the file holds 12 "
                        "tensors, too few for that (9 per layer)")
     assert peak < 5_000_000  # bytes; a name table for the claimed layers alone took gigabytes
@@ -251,10 +258,7 @@ def test_the_tiny_hf_folder_loads(tmp_path):
 
 def test_hf_claim_of_ten_million_layers(tmp_path):
     folder = hf_folder(tmp_path, {**HF_CONFIG, "num_hidden_layers": 10**7})
-    tracemalloc.start()
-    message = one_line_error(load_checkpoint, folder)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    message, peak = one_line_error_and_peak(load_checkpoint, folder)
     assert message == (f"{folder}: the config says 10000000 layers, but the file holds 12 "
                        "tensors, too few for that (9 per layer)")
     assert peak < 5_000_000
