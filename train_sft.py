@@ -50,12 +50,13 @@ def main(argv=None):
     if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
     log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
-    config = resolve_template(config, log)
+    tokenizer = config_tokenizer(config)  # read once: the template and the model both need it
+    config = resolve_template(config, tokenizer, log)
     out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
     STOP.listen()
     try:
         torch.manual_seed(config.seed)
-        model, tokenizer = build_model(config, log)
+        model = build_model(config, tokenizer, log)
         given = config
         config, batches, validation = load_data(config, tokenizer, model, log)
         if log.speaks:
@@ -82,7 +83,7 @@ def main(argv=None):
     log.say(peak_memory_line(memory, config.device))
     if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None
         model = dist.gather_model(model, optimizer, build=lambda: build_model(
-            replace(config, device="cpu"), Log(quiet=True))[0])
+            replace(config, device="cpu"), tokenizer, Log(quiet=True)))
     if model is not None:
         finish(config, out, model, tokenizer)
     if dist:
@@ -222,8 +223,8 @@ def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
 
 # -- Setting up: the model, the data --------------------------------------------------------------
 
-def build_model(config: TrainConfig, log):
-    """(model, tokenizer). LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
+def build_model(config: TrainConfig, tokenizer, log):
+    """The model, checked against its tokenizer. LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
     in NF4 (a quarter of that); trainable weights (LoRA matrices, or everything for full
     fine-tuning) stay float32."""
     if config.method == "full":  # the trained weights: float32 master weights, or bf16 throughout
@@ -231,7 +232,6 @@ def build_model(config: TrainConfig, log):
     else:  # the frozen base: in the compute precision (QLoRA: NF4, computing in that precision)
         base_dtype = PRECISIONS[config.precision]
     if config.checkpoint is None:
-        tokenizer = ByteTokenizer()
         torch.manual_seed(config.seed)
         model = Transformer(DEMO_CONFIG).to(config.device)
         model.init_weights()  # (in float32, then rounded once to the weights' dtype)
@@ -244,7 +244,6 @@ def build_model(config: TrainConfig, log):
         note = default_note(config.checkpoint)  # None unless --checkpoint was left out
         if note:
             log.say(note)
-        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)  # cheap, so first
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
@@ -260,17 +259,20 @@ def build_model(config: TrainConfig, log):
     trainable, total = count_parameters(model)
     log.say(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({100 * trainable / total:.2f}%) [{config.method}]")
-    return model, tokenizer
+    return model
 
 
-def resolve_template(config: TrainConfig, log) -> TrainConfig:
+def config_tokenizer(config: TrainConfig):
+    """The demo's byte tokenizer, or the checkpoint's (or --tokenizer's): cheap, so read first."""
+    if config.checkpoint is None:
+        return ByteTokenizer()
+    return checkpoint_tokenizer(config.checkpoint, config.tokenizer)
+
+
+def resolve_template(config: TrainConfig, tokenizer, log) -> TrainConfig:
     """--template auto → the checkpoint's own chat template, else alpaca (said in one line).
     config.json then records the template used, a name or the jinja source, so that --resume
     compares what was used and generate.py prompts the trained model as it was trained."""
-    if config.checkpoint is None:
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = checkpoint_tokenizer(config.checkpoint, config.tokenizer)
     template = data.resolve_template(config.template, tokenizer, say=log.say)
     return replace(config, template=data.template_spec(template))
 
