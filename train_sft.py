@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import data
 from batching import StepBatches, batch_efficiency, make_batches
@@ -38,7 +37,7 @@ from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
 from run.run_dir import load_state, prepare_out, record_effective, save_state, undo_start
-from run.run_metrics import drop_metrics_after, log_metrics, plot_losses
+from run.run_metrics import Log, drop_metrics_after, plot_losses
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -444,60 +443,6 @@ def nan_message(loss, grad_norm, step, config, out) -> str:
         saved = f"The last good checkpoint is in {out}: go on from it with --resume --lr LOWER"
     return (f"{what} at step {step + 1}; stopped before updating the weights ({hint}). "
             f"{saved}")
-
-
-# -- What the user sees ---------------------------------------------------------------------------
-
-class Log:
-    """Console output and metrics.jsonl. On a terminal a progress bar; in a file or a pipe (nohup,
-    a cluster job) a plain line every 1/20 of the run instead. Quiet on torchrun's other ranks."""
-
-    def __init__(self, quiet=False):
-        self.speaks = not quiet
-        self.bar = None
-
-    def say(self, text: str):
-        if self.speaks:
-            print(text, flush=True)
-
-    def start(self, total: int, done: int):
-        self.total = total
-        self.every = max(1, total // 20)
-        if done:  # (on a terminal the progress bar starts there too; in a log file, only this)
-            self.say(f"resuming from step {done} of {total}")
-        if self.speaks and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
-
-    def step(self, row: dict, out: Path):
-        if not self.speaks:
-            return
-        log_metrics(out, row)
-        text = f"loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['tokens_per_s']:,} tok/s"
-        if row["peak_mem_gib"] is not None:
-            text += f", {row['peak_mem_gib']:.1f} GiB"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-            self.bar.update(1)
-        elif row["step"] % self.every == 0 or row["step"] == self.total:
-            self.say(f"step {row['step']}/{self.total}: {text}")
-
-    def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
-        if self.speaks:
-            perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among so many
-            log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
-            text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
-            self.write(f"{text}\n  sample: {sample!r}")
-
-    def write(self, text: str):
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            self.say(text)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""metrics.jsonl and loss.png: what a run logs at each step and evaluation, read back for the
-plot and cut back to the checkpoint's step on --resume (run/run_dir.py has the rest of the run's
-directory)."""
+"""What a run shows and logs: the console (`Log`: a progress bar, or plain lines in a file), and
+metrics.jsonl and loss.png, read back for the plot and cut back to the checkpoint's step on
+--resume (run/run_dir.py has the rest of the run's directory)."""
 import json
+import math
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from formats.files import atomic_write
 from run.run_dir import METRICS, writing
@@ -77,3 +81,55 @@ def plot_losses(out: Path):
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
+
+
+class Log:
+    """Console output and metrics.jsonl. On a terminal a progress bar; in a file or a pipe (nohup,
+    a cluster job) a plain line every 1/20 of the run instead. Quiet on torchrun's other ranks."""
+
+    def __init__(self, quiet=False):
+        self.speaks = not quiet
+        self.bar = None
+
+    def say(self, text: str):
+        if self.speaks:
+            print(text, flush=True)
+
+    def start(self, total: int, done: int):
+        self.total = total
+        self.every = max(1, total // 20)
+        if done:  # (on a terminal the progress bar starts there too; in a log file, only this)
+            self.say(f"resuming from step {done} of {total}")
+        if self.speaks and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True)
+
+    def step(self, row: dict, out: Path):
+        if not self.speaks:
+            return
+        log_metrics(out, row)
+        text = f"loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['tokens_per_s']:,} tok/s"
+        if row["peak_mem_gib"] is not None:
+            text += f", {row['peak_mem_gib']:.1f} GiB"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif row["step"] % self.every == 0 or row["step"] == self.total:
+            self.say(f"step {row['step']}/{self.total}: {text}")
+
+    def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
+        if self.speaks:
+            perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among so many
+            log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
+            text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
+            self.write(f"{text}\n  sample: {sample!r}")
+
+    def write(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            self.say(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
