@@ -67,6 +67,8 @@ class TrainConfig:
     compile: bool = False
     loss_chunk: int = 1024
     packing: bool = False
+    neftune_alpha: float = 0.0     # NEFTune's noise on the input embeddings (neftune.py); 0: off
+    early_stop: int = 0            # evaluations without a lower held-out loss, then stop; 0: off
     resume: bool = False
     merge: bool = False
     device: str = field(default_factory=default_device)
@@ -155,6 +157,13 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       "once. Chunking (speed/fused_loss.py) gives the same loss without the batch·seq × vocab "
       "float32 logits: it pays for large vocabularies (Llama-3, 8×2048: 8 GiB)")
     a("--packing", action="store_true", help="pack several examples per row instead of padding")
+    a("--neftune-alpha", type=non_negative_float, default=d.neftune_alpha,
+      help="NEFTune: add Uniform(-1, 1)·alpha/sqrt(L·d) to the input embeddings while training "
+      "(L: the batch's row length, d: the model's width; neftune.py); the paper's gains came "
+      "from 5; 0 = off")
+    a("--early-stop", type=non_negative_int, default=d.early_stop,
+      help="stop after N evaluations in a row without a lower held-out loss (out/best/ holds the "
+      "lowest's adapter or model, with or without it); 0 = off")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--merge", action="store_true", help="at the end also write the merged model (ours and HF's)")
     a("--device", type=device_name, default=d.device, help="cpu, cuda or cuda:N")

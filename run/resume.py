@@ -20,7 +20,7 @@ RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split",
                      "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
                      "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
-                     "adamw_state", "loss_chunk", "packing", "world_size")
+                     "adamw_state", "loss_chunk", "packing", "neftune_alpha", "world_size")
 # Settings a run may go on with after a change: how fast and how long it learns from here (a lower
 # --lr after a diverged run, a longer run). The weights from the checkpoint on are then not those
 # of an uninterrupted run: a note says so, and config.json keeps the history of such changes.
@@ -31,10 +31,13 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
-# Of these, the cadences and the sample prompt are noted in the history too (RECORDED).
+# --early-stop decides only when the run ends, like a cadence: the steps it trains are the same.
+# (--neftune-alpha changes every step's inputs, as dropout does: it must match.)
+# Of these, the cadences, the sample prompt and --early-stop are noted in the history too
+# (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile")
-RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt")
+                     "device", "grad_ckpt", "compile", "early_stop")
+RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "early_stop")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
 # Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".
