@@ -71,11 +71,21 @@ class BestKeeper:
                 "one")
 
 
-def check_early_stop(patience: int, validation):
-    """--early-stop counts evaluations of held-out data: a run without any cannot use it."""
-    if patience and validation is None:
-        raise UserError(f"--early-stop {patience} needs held-out data, and this run has none: "
-                        "give --val-data, or a --val-split that leaves some")
+def keep_best(config, out: Path, validation, step: int, dist=None, write=None) -> BestKeeper:
+    """The run's BestKeeper (train_sft.py): write(directory) writes the adapter or the model as
+    the end of the run does. --early-stop counts evaluations of held-out data: a run without any
+    cannot use it. Under torchrun rank 0 writes best/; with --method full it is not kept there
+    (each rank holds a shard of the weights, not a model to write), and a note says so."""
+    if config.early_stop and validation is None:
+        raise UserError(f"--early-stop {config.early_stop} needs held-out data, and this run has "
+                        "none: give --val-data, or a --val-split that leaves some")
+    owner = dist is None or dist.is_main
+    if validation is None or not owner:
+        write = None
+    elif dist and config.method == "full":
+        print("note: under torchrun, --method full keeps no best/ (its weights are sharded)")
+        write = None
+    return BestKeeper(out, write, config.early_stop, step, owner)
 
 
 def logged_losses(out: Path, step: int) -> list[float]:

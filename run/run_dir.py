@@ -4,6 +4,7 @@
     out/checkpoint.pt    trainable weights, AdamW state, step, RNG states, in one atomic file
     out/metrics.jsonl    one row per step and per evaluation (run/run_metrics.py)
     out/loss.png         the curves, drawn at the end (if matplotlib is installed)
+    out/best/            the adapter or model of the lowest held-out loss (run/best.py)
     out/.lock            locked while a run uses the directory, so that two runs never share it
 
 A run writes only into a new or empty directory, or into a run directory of this project

@@ -179,9 +179,3 @@ def test_a_run_started_over_drops_the_best_of_the_run_it_replaces(tmp_path):
     BestKeeper(tmp_path, writer({"now": "new"}), step=0)
     assert not (tmp_path / "best").exists()
 
-
-def test_early_stop_needs_held_out_data():
-    best_dir.check_early_stop(0, None)
-    best_dir.check_early_stop(3, object())
-    with pytest.raises(best_dir.UserError, match="--early-stop 3 needs held-out data"):
-        best_dir.check_early_stop(3, None)
