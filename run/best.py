@@ -38,10 +38,11 @@ class BestKeeper:
     """Told every held-out loss (evaluated), it keeps out/best/ and counts for --early-stop.
     write(directory) writes the results into a directory as the end of the run does; None: no
     best/ is written, only counted (torchrun's other ranks: rank 0 writes; see train_sft.py).
-    owner: this process looks after out/ (rank 0)."""
+    owner: this process looks after out/ (rank 0). dist: torchrun's Distributed, else None."""
 
-    def __init__(self, out: Path, write, patience: int = 0, step: int = 0, owner: bool = True):
-        self.out, self.write, self.patience = Path(out), write, patience
+    def __init__(self, out: Path, write, patience: int = 0, step: int = 0, owner: bool = True,
+                 dist=None):
+        self.out, self.write, self.patience, self.dist = Path(out), write, patience, dist
         if owner:
             with writing(self.out / BEST):
                 recover(self.out)
@@ -63,7 +64,10 @@ class BestKeeper:
         """Count an evaluation and keep best/ up to date; True when --early-stop says stop."""
         if self.count(val_loss) and self.write:
             save_best(self.out, self.write, step, val_loss)
-        return 0 < self.patience <= self.since
+        stop = 0 < self.patience <= self.since
+        if self.dist and self.patience:  # all ranks stop together, even if their losses differ
+            stop = self.dist.mean(float(stop)) > 0  # in the last bit
+        return stop
 
     def stop_line(self, step: int) -> str:
         return (f"early stop at step {step}: {self.since} evaluations without a lower held-out "
@@ -85,7 +89,7 @@ def keep_best(config, out: Path, validation, step: int, dist=None, write=None) -
     elif dist and config.method == "full":
         print("note: under torchrun, --method full keeps no best/ (its weights are sharded)")
         write = None
-    return BestKeeper(out, write, config.early_stop, step, owner)
+    return BestKeeper(out, write, config.early_stop, step, owner, dist)
 
 
 def logged_losses(out: Path, step: int) -> list[float]:

@@ -8,16 +8,19 @@ it; --early-stop stops where the logged losses say it should.
 """
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from config import TrainConfig
+from errors import UserError
 from generate import generate
 from model import ModelConfig, Transformer
 from neftune import add_neftune
 from run import best as best_dir
-from run.best import BestKeeper
+from run.best import BestKeeper, keep_best
 from tokenizer import ByteTokenizer
 
 ALPHA = 5.0  # the paper's
@@ -179,3 +182,35 @@ def test_a_run_started_over_drops_the_best_of_the_run_it_replaces(tmp_path):
     BestKeeper(tmp_path, writer({"now": "new"}), step=0)
     assert not (tmp_path / "best").exists()
 
+
+
+class FakeRanks:
+    """torchrun's Distributed as keep_best uses it: this rank, and whether the other one stops."""
+
+    def __init__(self, rank: int, other_stops: bool):
+        self.is_main, self.other = rank == 0, float(other_stops)
+
+    def mean(self, value: float) -> float:
+        return (value + self.other) / 2
+
+
+def test_under_torchrun_rank_0_writes_best_and_every_rank_stops_together(tmp_path, capsys):
+    fake_run(tmp_path)
+    write, lora = writer({"now": "x"}), TrainConfig(method="lora", early_stop=1)
+    first = keep_best(lora, tmp_path, object(), 0, FakeRanks(0, other_stops=True), write)
+    second = keep_best(lora, tmp_path, object(), 0, FakeRanks(1, other_stops=False), write)
+    assert (first.write, second.write) == (write, None)
+    assert first.evaluated(0, 2.0)  # not its own count (a new lowest), the other rank's
+    assert not second.evaluated(0, 2.0)
+    assert (tmp_path / "best" / "best.json").is_file()
+    # full fine-tuning: each rank holds a shard, no model to write
+    full = replace(lora, method="full")
+    assert keep_best(full, tmp_path, object(), 1, FakeRanks(0, False), write).write is None
+    assert "--method full keeps no best/" in capsys.readouterr().out
+
+
+def test_early_stop_needs_held_out_data(tmp_path):
+    fake_run(tmp_path)
+    with pytest.raises(UserError, match="--early-stop 3 needs held-out data"):
+        keep_best(TrainConfig(early_stop=3), tmp_path, None, 0)
+    assert keep_best(TrainConfig(), tmp_path, None, 0).write is None  # no best/ without it
