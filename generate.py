@@ -112,7 +112,7 @@ def parse_args(argv=None, description: str = __doc__, chat: bool = False):
     a = p.add_argument
     a("--checkpoint", required=True,
       help="checkpoint directory or file (HF, Meta, llama2.c, GGUF, ours), or the --out directory "
-      "of a training run (its model/, or its adapter/ on the run's base model)")
+      "of a training run (its model/, or its adapter/ on the run's base model), or its best/")
     a("--tokenizer", help="tokenizer.model path (default: found in the checkpoint directory)")
     a("--adapter", help="LoRA adapter directory saved by train_sft.py, applied on top of "
       "--checkpoint (default: none)")
