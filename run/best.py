@@ -17,12 +17,14 @@ at the next start.
 
 Which evaluation is the lowest comes from metrics.jsonl, the logged held-out losses: --resume cuts
 it back to the checkpoint's step, and the evaluations the resumed run does again give the same
-losses, so it replaces best/ and stops early exactly where the uninterrupted run did.
+losses, so it replaces best/ and stops early exactly where the uninterrupted run did. (One that goes
+on with another --lr may not reach the loss of a best/ written after its checkpoint again: best/
+then keeps that one, whose row of metrics.jsonl the resumed run dropped, until a lower loss.)
 """
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from errors import UserError
@@ -48,13 +50,14 @@ class BestKeeper:
                 recover(self.out)
                 if step == 0:  # a run started over: a best/ it holds is of the run it replaces
                     shutil.rmtree(self.out / BEST, ignore_errors=True)
-        self.lowest, self.since = None, 0  # the lowest loss; evaluations after it
+        self.lowest, self.since = math.inf, 0  # the lowest loss; evaluations after it
         for loss in logged_losses(self.out, step):
             self.count(loss)
 
     def count(self, val_loss: float) -> bool:
-        """True when `val_loss` is a new lowest; else one more evaluation without one."""
-        if math.isfinite(val_loss) and (self.lowest is None or val_loss < self.lowest):
+        """True when `val_loss` is a new lowest; else one more evaluation without one (a tie, a
+        NaN or an infinity included)."""
+        if val_loss < self.lowest:
             self.lowest, self.since = val_loss, 0
             return True
         self.since += 1
@@ -70,9 +73,9 @@ class BestKeeper:
         return stop
 
     def stop_line(self, step: int) -> str:
-        return (f"early stop at step {step}: {self.since} evaluations without a lower held-out "
-                f"loss than {self.lowest:.4f} (--early-stop {self.patience}); best/ holds that "
-                "one")
+        line = (f"early stop at step {step}: {self.since} evaluations without a lower held-out "
+                f"loss than {self.lowest:.4f} (--early-stop {self.patience})")
+        return line + ("; best/ holds the weights of that one" if self.write else "")
 
 
 def keep_best(config, out: Path, validation, step: int, dist=None, write=None) -> BestKeeper:
@@ -104,7 +107,8 @@ def save_best(out: Path, write, step: int, val_loss: float):
     """Write the results into a new temporary folder, then swap it in for best/ (see above)."""
     best = out / BEST
     with writing(best):
-        temp = Path(tempfile.mkdtemp(dir=out, prefix=f".{BEST}.", suffix=".tmp"))
+        temp = out / f".{BEST}.{secrets.token_hex(4)}.tmp"  # (run_dir.TEMP_FILE's form)
+        temp.mkdir()
         try:
             write(temp)
             shutil.copyfile(out / CONFIG, temp / CONFIG)
