@@ -159,8 +159,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--packing", action="store_true", help="pack several examples per row instead of padding")
     a("--neftune-alpha", type=non_negative_float, default=d.neftune_alpha,
       help="NEFTune: add Uniform(-1, 1)·alpha/sqrt(L·d) to the input embeddings while training "
-      "(L: the batch's row length, d: the model's width; neftune.py); the paper's gains came "
-      "from 5; 0 = off")
+      "(L: the batch's row length, d: the model's width; neftune.py); the paper used 5 to 15; "
+      "0 = off")
     a("--early-stop", type=non_negative_int, default=d.early_stop,
       help="stop after N evaluations in a row without a lower held-out loss (out/best/ holds the "
       "lowest's adapter or model, with or without it); 0 = off")
