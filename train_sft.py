@@ -31,8 +31,10 @@ from errors import UserError, run_cli
 from generate import generate
 from formats.adapter import save_adapter
 from lora import apply_lora, count_parameters, merge_lora, parse_targets
+from run.best import keep_best
 from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
+from neftune import add_neftune
 from records import load_records, split_train_val
 from run.processes import ONE_PROCESS, start_processes
 from run.run_dir import load_state, prepare_out, record_effective, undo_start
@@ -58,6 +60,8 @@ def main(argv=None):
     try:
         torch.manual_seed(config.seed)
         model = build_model(config, tokenizer, log)
+        if config.neftune_alpha:  # noise on the input embeddings while training (neftune.py)
+            add_neftune(model, config.neftune_alpha)
         given = config
         config, train_data = load_data(config, tokenizer, model, log)
         if log.speaks:
@@ -75,6 +79,10 @@ def main(argv=None):
         step = load_state(run.out, model, optimizer, scaler, processes) if config.resume else 0
         if config.resume and log.speaks:
             drop_metrics_after(run.out, step)
+        # out/best/ at each lowest held-out loss, and --early-stop (run/best.py)
+        run.best = keep_best(config, run.out, train_data.validation, step,
+                             lambda directory: write_results(config, directory, model, tokenizer),
+                             processes)
     except BaseException:  # the start failed: take back what prepare_out created
         if log.speaks:
             undo_start(run.out)
@@ -130,7 +138,10 @@ def train(model, optimizer, scaler, train_data, config, run, step):
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 run.save(model, optimizer, scaler, step)
             if train_data.validation and (step % config.eval_every == 0 or step == total):
-                run.evaluation(step, *train_data.validation.run(model, config))
+                if run.evaluation(step, *train_data.validation.run(model, config)):
+                    if run.saved_step != step:  # --early-stop ends the run here (run/best.py)
+                        run.save(model, optimizer, scaler, step)
+                    break
             if STOP.requested_by_any(run.processes):  # a signal came during this step, now whole
                 raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run/stop.py): save, say how to go on
@@ -369,15 +380,10 @@ class Validation:
 
 def finish(config: TrainConfig, out: Path, model, tokenizer):
     """Write the adapter (LoRA) or the model (full), and with --merge the merged model in our
-    format and Hugging Face's. Model directories get the tokenizer too, so
-    `generate.py --checkpoint` finds it there, with the chat template the run was trained with."""
-    from export import write_chat_template
-    chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
+    format and Hugging Face's."""
+    write_results(config, out, model, tokenizer)
     if config.method in ("lora", "qlora"):
-        from export import export_peft, peft_base_note, peft_base_path
-        save_adapter(model, out / "adapter", base_id={"checkpoint": config.checkpoint})
-        export_peft(model, out / "peft", base_model_name_or_path=peft_base_path(config.checkpoint))
-        write_chat_template(out / "peft", chat_template)
+        from export import peft_base_note
         print(f"saved the adapter to {out / 'adapter'} (in PEFT's layout: {out / 'peft'})"
               + peft_base_note(config.checkpoint, out))
         if config.merge:
@@ -385,17 +391,34 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
                 from speed.quant import dequantize_model
                 dequantize_model(model)
             merge_lora(model)
+            write_results(replace(config, method="full"), out, model, tokenizer)  # as a model
     if config.method == "full" or config.merge:
-        save_checkpoint(model, out / "model")
-        tokenizer.save(out / "model")
-        write_chat_template(out / "model", chat_template)
         print(f"saved the model to {out / 'model'} (load it with --checkpoint {out / 'model'})")
     if config.merge:
-        from export import export_hf
+        from export import export_hf, write_chat_template
         export_hf(model, out / "hf", tokenizer, template_name=config.template)
-        write_chat_template(out / "hf", chat_template)
+        write_chat_template(out / "hf", data.jinja_form(data.get_template(config.template),
+                                                        tokenizer))
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
+
+
+def write_results(config: TrainConfig, directory: Path, model, tokenizer):
+    """The adapter (LoRA: adapter/, and peft/ in PEFT's layout) or the model (full: model/, with
+    the tokenizer, so that `generate.py --checkpoint` finds it there) into `directory`, with the
+    chat template the run was trained with: out/ at the end, out/best/ at each new lowest
+    held-out loss."""
+    from export import export_peft, peft_base_path, write_chat_template
+    chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
+    if config.method in ("lora", "qlora"):
+        save_adapter(model, directory / "adapter", base_id={"checkpoint": config.checkpoint})
+        export_peft(model, directory / "peft",
+                    base_model_name_or_path=peft_base_path(config.checkpoint))
+        write_chat_template(directory / "peft", chat_template)
+    else:
+        save_checkpoint(model, directory / "model")
+        tokenizer.save(directory / "model")
+        write_chat_template(directory / "model", chat_template)
 
 
 # -- Around the loop ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from errors import UserError
 from formats.files import write_json
+from run.processes import ONE_PROCESS
 from run.run_dir import CONFIG, METRICS, writing
 from run.run_metrics import read_metrics
 
@@ -39,12 +40,13 @@ PREVIOUS = ".best.previous.tmp"  # the old best/ while the new one is renamed in
 class BestKeeper:
     """Told every held-out loss (evaluated), it keeps out/best/ and counts for --early-stop.
     write(directory) writes the results into a directory as the end of the run does; None: no
-    best/ is written, only counted (torchrun's other ranks: rank 0 writes; see train_sft.py).
-    owner: this process looks after out/ (rank 0). dist: torchrun's Distributed, else None."""
+    best/ is written, only counted (torchrun's other ranks: rank 0 writes; see keep_best).
+    owner: this process looks after out/ (rank 0). processes: run/processes.py's."""
 
     def __init__(self, out: Path, write, patience: int = 0, step: int = 0, owner: bool = True,
-                 dist=None):
-        self.out, self.write, self.patience, self.dist = Path(out), write, patience, dist
+                 processes=ONE_PROCESS):
+        self.out, self.write, self.patience = Path(out), write, patience
+        self.processes = processes
         if owner:
             with writing(self.out / BEST):
                 recover(self.out)
@@ -68,8 +70,8 @@ class BestKeeper:
         if self.count(val_loss) and self.write:
             save_best(self.out, self.write, step, val_loss)
         stop = 0 < self.patience <= self.since
-        if self.dist and self.patience:  # all ranks stop together, even if their losses differ
-            stop = self.dist.mean(float(stop)) > 0  # in the last bit
+        if self.patience:  # under torchrun all ranks stop together, even if their losses differ
+            stop = self.processes.mean(float(stop)) > 0  # in the last bit
         return stop
 
     def stop_line(self, step: int) -> str:
@@ -78,7 +80,7 @@ class BestKeeper:
         return line + ("; best/ holds the weights of that one" if self.write else "")
 
 
-def keep_best(config, out: Path, validation, step: int, dist=None, write=None) -> BestKeeper:
+def keep_best(config, out: Path, validation, step: int, write, processes=ONE_PROCESS):
     """The run's BestKeeper (train_sft.py): write(directory) writes the adapter or the model as
     the end of the run does. --early-stop counts evaluations of held-out data: a run without any
     cannot use it. Under torchrun rank 0 writes best/; with --method full it is not kept there
@@ -86,13 +88,12 @@ def keep_best(config, out: Path, validation, step: int, dist=None, write=None) -
     if config.early_stop and validation is None:
         raise UserError(f"--early-stop {config.early_stop} needs held-out data, and this run has "
                         "none: give --val-data, or a --val-split that leaves some")
-    owner = dist is None or dist.is_main
-    if validation is None or not owner:
+    if validation is None or not processes.is_main:
         write = None
-    elif dist and config.method == "full":
+    elif processes.world > 1 and config.method == "full":
         print("note: under torchrun, --method full keeps no best/ (its weights are sharded)")
         write = None
-    return BestKeeper(out, write, config.early_stop, step, owner, dist)
+    return BestKeeper(out, write, config.early_stop, step, processes.is_main, processes)
 
 
 def logged_losses(out: Path, step: int) -> list[float]:

@@ -1,7 +1,8 @@
 """A training run as the loop sees it: its directory, its log and its processes, in one object.
 
     run.step(row)               a row of metrics.jsonl, and the progress bar or a log line
-    run.evaluation(step, ...)   the held-out loss and the sample answer
+    run.evaluation(step, ...)   the held-out loss and the sample answer; out/best/ and
+                                --early-stop (run.best: run/best.py)
     run.save(...)               checkpoint.pt (run/run_dir.py: save_state), atomically
     run.processes               one process, or torchrun's (run/processes.py)
 
@@ -19,6 +20,7 @@ class TrainingRun:
         self.log = log
         self.processes = processes
         self.saved_step = None  # the step of the last save: a stop right after it saves nothing
+        self.best = None  # run/best.py's BestKeeper (train_sft.main sets it)
 
     def say(self, text: str):
         self.log.say(text)
@@ -29,8 +31,13 @@ class TrainingRun:
     def step(self, row: dict):
         self.log.step(row, self.out)
 
-    def evaluation(self, step: int, val_loss: float, sample: str):
+    def evaluation(self, step: int, val_loss: float, sample: str) -> bool:
+        """Log it, keep out/best/; True when --early-stop ends the run here."""
         self.log.evaluation(step, val_loss, sample, self.out)
+        if self.best is None or not self.best.evaluated(step, val_loss):
+            return False
+        self.log.write(self.best.stop_line(step))
+        return True
 
     def save(self, model, optimizer, scaler, step: int):
         save_state(self.out, model, optimizer, scaler, step, self.processes)

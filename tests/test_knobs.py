@@ -14,13 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train_sft
 from config import TrainConfig
-from errors import UserError
+from data import encode_prompt, get_template
+from errors import UserError, run_cli
+from formats.checkpoint import load_checkpoint
 from generate import generate
+from generate import main as generate_main
 from model import ModelConfig, Transformer
 from neftune import add_neftune
 from run import best as best_dir
+from run import training_run
 from run.best import BestKeeper, keep_best
+from test_train import (DEMO_RECORDS, assert_same_tensors, crash_then_resume, demo_argv, metrics,
+                        run, saved_state, train_losses, write_records)
 from tokenizer import ByteTokenizer
 
 ALPHA = 5.0  # the paper's
@@ -185,7 +192,9 @@ def test_a_run_started_over_drops_the_best_of_the_run_it_replaces(tmp_path):
 
 
 class FakeRanks:
-    """torchrun's Distributed as keep_best uses it: this rank, and whether the other one stops."""
+    """torchrun's Distributed as keep_best uses it: this rank of two, and whether the other one
+    stops."""
+    world = 2
 
     def __init__(self, rank: int, other_stops: bool):
         self.is_main, self.other = rank == 0, float(other_stops)
@@ -197,20 +206,154 @@ class FakeRanks:
 def test_under_torchrun_rank_0_writes_best_and_every_rank_stops_together(tmp_path, capsys):
     fake_run(tmp_path)
     write, lora = writer({"now": "x"}), TrainConfig(method="lora", early_stop=1)
-    first = keep_best(lora, tmp_path, object(), 0, FakeRanks(0, other_stops=True), write)
-    second = keep_best(lora, tmp_path, object(), 0, FakeRanks(1, other_stops=False), write)
+    first = keep_best(lora, tmp_path, object(), 0, write, FakeRanks(0, other_stops=True))
+    second = keep_best(lora, tmp_path, object(), 0, write, FakeRanks(1, other_stops=False))
     assert (first.write, second.write) == (write, None)
     assert first.evaluated(0, 2.0)  # not its own count (a new lowest), the other rank's
     assert not second.evaluated(0, 2.0)
     assert (tmp_path / "best" / "best.json").is_file()
     # full fine-tuning: each rank holds a shard, no model to write
     full = replace(lora, method="full")
-    assert keep_best(full, tmp_path, object(), 1, FakeRanks(0, False), write).write is None
+    assert keep_best(full, tmp_path, object(), 1, write, FakeRanks(0, False)).write is None
     assert "--method full keeps no best/" in capsys.readouterr().out
+    assert keep_best(full, tmp_path, object(), 1, write).write is write  # in one process
 
 
 def test_early_stop_needs_held_out_data(tmp_path):
     fake_run(tmp_path)
     with pytest.raises(UserError, match="--early-stop 3 needs held-out data"):
-        keep_best(TrainConfig(early_stop=3), tmp_path, None, 0)
-    assert keep_best(TrainConfig(), tmp_path, None, 0).write is None  # no best/ without it
+        keep_best(TrainConfig(early_stop=3), tmp_path, None, 0, writer({}))
+    assert keep_best(TrainConfig(), tmp_path, None, 0, writer({})).write is None  # none without
+
+# ---------------------------------------------------------------- in a training run
+
+# The demo model on 8 records at a high learning rate: the held-out loss falls for a few steps,
+# then rises while the model learns the 8 records by heart.
+RISING = ["--max-steps", 6, "--eval-every", 1, "--lr", 1e-2]
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    """8 demo records to train on, 3 others held out."""
+    return (write_records(tmp_path / "train.json", DEMO_RECORDS[:8]),
+            write_records(tmp_path / "val.json", DEMO_RECORDS[8:11]))
+
+
+def val_losses(out) -> dict:
+    return {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def rising(tmp_path_factory):
+    """(the run's out, its data, {step: the weights at that step}): RISING, every step saved and
+    evaluated, the weights taken from each save."""
+    tmp = tmp_path_factory.mktemp("rising")
+    train = write_records(tmp / "train.json", DEMO_RECORDS[:8])
+    val = write_records(tmp / "val.json", DEMO_RECORDS[8:11])
+    real_save, weights = training_run.save_state, {}
+
+    def save_state(out, model, optimizer, scaler, step, processes):
+        weights[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        real_save(out, model, optimizer, scaler, step, processes)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(training_run, "save_state", save_state)
+        run(demo_argv(train, tmp / "out", *RISING, "--val-data", val, "--save-every", 1))
+    return tmp / "out", (train, val), weights
+
+
+def test_best_holds_the_weights_of_the_lowest_logged_held_out_loss(rising, capsys):
+    out, _, weights = rising
+    losses = val_losses(out)
+    lowest = min(losses, key=losses.get)
+    assert 0 < lowest < max(losses)  # it fell, then rose: best/ is not the last step
+    assert json.loads((out / "best" / "best.json").read_text()) == \
+        {"step": lowest, "val_loss": losses[lowest]}
+    best_model, _ = load_checkpoint(out / "best" / "model")
+    assert_same_tensors(best_model.state_dict(), weights[lowest])
+    last_model, _ = load_checkpoint(out / "model")
+    assert_same_tensors(last_model.state_dict(), weights[max(losses)])
+
+    # generate.py reads best/ as a run: its model, the run's template and tokenizer
+    capsys.readouterr()
+    generate_main(["--checkpoint", str(out / "best"), "--prompt", "Name a color.",
+                   "--max-new-tokens", "12", "--temperature", "0", "--precision", "fp32"])
+    shown = capsys.readouterr()
+    assert f"using its fine-tuned model {out / 'best' / 'model'}" in shown.err
+    model = Transformer(train_sft.DEMO_CONFIG)
+    model.load_state_dict(weights[lowest])
+    tokenizer = ByteTokenizer()
+    prompt = encode_prompt("Name a color.", tokenizer, get_template("none"))
+    expected = generate(model, tokenizer, prompt, max_new_tokens=12, temperature=0.0)
+    assert shown.out == tokenizer.decode(list(expected)) + "\n"
+
+
+def first_stop(losses: dict, patience: int) -> int:
+    """The step of the patience-th evaluation in a row without a new lowest loss."""
+    lowest, since = math.inf, 0
+    for step, loss in losses.items():
+        lowest, since = (loss, 0) if loss < lowest else (lowest, since + 1)
+        if since == patience:
+            return step
+    raise AssertionError("no early stop in these losses")
+
+
+def test_early_stop_ends_the_run_after_n_evaluations_without_a_lower_loss(rising, tmp_path,
+                                                                          capsys):
+    full, (train, val), _ = rising
+    stopped = tmp_path / "stopped"
+    run(demo_argv(train, stopped, *RISING, "--val-data", val, "--early-stop", 2))
+    expected = first_stop(val_losses(full), 2)
+    assert expected < 6
+    assert f"early stop at step {expected}: 2 evaluations without a lower" in \
+        capsys.readouterr().out
+    # the same run as far as it went, then ended as a run ends: checkpoint, model, best/
+    assert val_losses(stopped) == {s: v for s, v in val_losses(full).items() if s <= expected}
+    assert max(train_losses(stopped)) == expected == saved_state(stopped)["step"]
+    assert (stopped / "model").is_dir()
+    assert (stopped / "best" / "best.json").read_text() == \
+        (full / "best" / "best.json").read_text()
+
+
+def test_resume_keeps_best_and_stops_where_the_uninterrupted_run_stops(rising, tmp_path,
+                                                                       monkeypatch):
+    full, (train, val), _ = rising
+    lowest = json.loads((full / "best" / "best.json").read_text())["step"]
+    resumed = tmp_path / "resumed"
+    # the last checkpoint before best/ was written, the crash after: the resumed run does the
+    # evaluation of best/ again, and counts toward --early-stop the ones after it
+    crash_then_resume(monkeypatch, demo_argv(train, resumed, *RISING, "--val-data", val,
+                                             "--early-stop", 2, "--save-every", lowest - 1),
+                      crash_step=lowest + 1)
+    expected = first_stop(val_losses(full), 2)
+    assert saved_state(resumed)["step"] == expected
+    assert (resumed / "best" / "best.json").read_text() == \
+        (full / "best" / "best.json").read_text()
+    assert_same_tensors(load_checkpoint(resumed / "best" / "model")[0].state_dict(),
+                        load_checkpoint(full / "best" / "model")[0].state_dict())
+
+
+def test_early_stop_without_held_out_data_is_one_line(tmp_path, demo_data, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli(train_sft.main, [str(a) for a in demo_argv(demo_data[0], out, "--early-stop", 2)])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == ("error: --early-stop 2 needs held-out data, and this run "
+                                       "has none: give --val-data, or a --val-split that leaves "
+                                       "some\n")
+    assert not out.exists()  # the failed start took back what it had made
+
+
+def test_neftune_trains_with_noise_evaluates_without_and_resumes_exactly(tmp_path, demo_data,
+                                                                         monkeypatch):
+    train, val = demo_data
+    args = ["--max-steps", 4, "--save-every", 2, "--eval-every", 4, "--val-data", val]
+    plain, noisy, resumed = tmp_path / "plain", tmp_path / "noisy", tmp_path / "resumed"
+    run(demo_argv(train, plain, *args, "--max-steps", 1))  # its step 0 and 1 are all we need
+    run(demo_argv(train, noisy, *args, "--neftune-alpha", ALPHA))
+    assert val_losses(noisy)[0] == val_losses(plain)[0]  # the same model: no noise in evaluation
+    assert train_losses(noisy)[1] != train_losses(plain)[1]  # the first step: the noise
+    # the noise is drawn from torch's generator, whose state checkpoint.pt keeps
+    crash_then_resume(monkeypatch, demo_argv(train, resumed, *args, "--neftune-alpha", ALPHA),
+                      crash_step=4)
+    assert train_losses(resumed) == train_losses(noisy)
+    assert_same_tensors(saved_state(resumed)["model"], saved_state(noisy)["model"])
