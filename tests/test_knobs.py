@@ -312,6 +312,11 @@ def test_early_stop_ends_the_run_after_n_evaluations_without_a_lower_loss(rising
     assert (stopped / "model").is_dir()
     assert (stopped / "best" / "best.json").read_text() == \
         (full / "best" / "best.json").read_text()
+    # --resume: NEFTune changes what every step trains on, so it must match; it is refused
+    # before the model loads
+    argv = demo_argv(train, stopped, *RISING, "--val-data", val, "--resume", "--neftune-alpha", 5)
+    with pytest.raises(UserError, match=r"different settings: neftune_alpha 0\.0 → 5\.0;"):
+        run(argv)
 
 
 def test_resume_keeps_best_and_stops_where_the_uninterrupted_run_stops(rising, tmp_path,
