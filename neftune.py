@@ -5,7 +5,8 @@
 Each training forward pass adds fresh noise to the token embeddings; evaluation and generation
 (model.eval()) see the clean ones. In the paper (alpha 5 to 15), LLaMA-2-7B tuned on Alpaca went
 from 29.8% to 64.7% on AlpacaEval, with longer answers. The noise is small per entry (alpha 5,
-L 512, d 4096: ±0.0034) but keeps the model from fitting the exact embeddings of its examples.
+L 512, d 4096: ±0.0034); the authors' reading is that it keeps the model from over-fitting the
+exact wording of its examples.
 
 L is the length of the rows as the model gets them: padded to the longest of the micro-batch, or
 a packed row's length with --packing. It is what the authors' code and Hugging Face's (TRL,
