@@ -9,11 +9,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from formats.files import atomic_write
-from run.run_dir import METRICS, writing
+from run.run_dir import LOGS, METRICS, writing
 
 
-def log_metrics(out: Path, row: dict):
-    with writing(out / METRICS), open(out / METRICS, "a") as f:
+def log_metrics(out: Path, row: dict, name: str = METRICS):
+    """Append one row to out/metrics.jsonl (or another of the run's LOGS)."""
+    with writing(out / name), open(out / name, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -43,20 +44,21 @@ def _is_metrics_row(row) -> bool:
 
 
 def drop_metrics_after(out: Path, step: int):
-    """On resume, the steps logged after the checkpoint are done again: drop their rows, or they
-    would appear twice. Unreadable lines are dropped too, with a note."""
-    path = out / METRICS
-    if not path.exists():
-        return
-    rows, unreadable = read_metrics(path)
-    if unreadable:
-        lines = "line" if len(unreadable) == 1 else "lines"
-        print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
-              f"({lines} {', '.join(map(str, unreadable))}): not rows of metrics (a run killed "
-              "while writing leaves a torn last line)")
-    kept = "".join(line for line, row in rows if row["step"] <= step)
-    with writing(path):
-        atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
+    """On resume, the steps logged after the checkpoint are done again: drop their rows (in
+    metrics.jsonl, samples.jsonl, token_losses.jsonl), or they would appear twice. Unreadable
+    lines are dropped too, with a note."""
+    for path in (out / name for name in LOGS):
+        if not path.exists():
+            continue
+        rows, unreadable = read_metrics(path)
+        if unreadable:
+            lines = "line" if len(unreadable) == 1 else "lines"
+            print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
+                  f"({lines} {', '.join(map(str, unreadable))}): not rows of {path.name} (a run "
+                  "killed while writing leaves a torn last line)")
+        kept = "".join(line for line, row in rows if row["step"] <= step)
+        with writing(path):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
 
 
 def plot_losses(out: Path):

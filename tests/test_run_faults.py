@@ -376,7 +376,7 @@ def test_bad_metrics_rows_are_skipped_with_a_note(saved_run, capsys):
     code, stdout, err = cli(argv, capsys)
     assert code == 0, err
     assert (f"note: {out / 'metrics.jsonl'}: skipped 3 unreadable lines (lines 3, 4, 5): not rows "
-            "of metrics (a run killed while writing leaves a torn last line)") in stdout
+            "of metrics.jsonl (a run killed while writing leaves a torn last line)") in stdout
     assert metrics_steps(out) == [1, 2, 3, 4]  # ({"step": 3} was a row, after the checkpoint)
 
 
