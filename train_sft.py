@@ -30,7 +30,6 @@ from batching import StepBatches, batch_efficiency, make_batches
 from formats.checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
-from generate import generate
 from formats.adapter import save_adapter
 from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
@@ -38,6 +37,7 @@ from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
 from run.run_dir import load_state, prepare_out, record_effective, save_state, undo_start
 from run.run_metrics import Log, drop_metrics_after, plot_losses
+from run.samples import make_samples
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -57,7 +57,7 @@ def main(argv=None):
         torch.manual_seed(config.seed)
         model = build_model(config, tokenizer, log)
         given = config
-        config, batches, validation = load_data(config, tokenizer, model, log)
+        config, batches, validation, samples = load_data(config, tokenizer, model, log)
         if log.speaks:
             record_effective(out, given, config)  # what load_data had to change, beside the given
         if dist:
@@ -78,7 +78,7 @@ def main(argv=None):
         if log.speaks:
             undo_start(out)
         raise
-    train(model, optimizer, scaler, batches, validation, config, out, log, step, dist)
+    train(model, optimizer, scaler, batches, validation, samples, config, out, log, step, dist)
     log.say(peak_memory_line(memory, config.device))
     if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None
         model = dist.gather_model(model, optimizer, build=lambda: build_model(
@@ -89,11 +89,15 @@ def main(argv=None):
         dist.exit()
 
 
-def train(model, optimizer, scaler, batches, validation, config, out, log, step, dist=None):
-    """The loop: one optimizer step per iteration; a checkpoint and an evaluation every so often."""
+def train(model, optimizer, scaler, batches, validation, samples, config, out, log, step,
+          dist=None):
+    """The loop: one optimizer step per iteration; a checkpoint and an evaluation every so often
+    (the held-out loss, with held-out data; the sample prompts' answers, run/samples.py)."""
     total = batches.total_steps
-    if validation and step == 0:  # where training starts from, to compare the evaluations with
-        log.evaluation(0, *validation.run(model, config), out)
+    if step == 0:  # where training starts from, to compare the evaluations with
+        if validation:
+            log.evaluation(0, validation.run(model, config), out)
+        samples.record(model, 0, out, log)
     log.start(total, step)
     model.train()
     STOP.at_step_end = True
@@ -124,8 +128,10 @@ def train(model, optimizer, scaler, batches, validation, config, out, log, step,
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 save_state(out, model, optimizer, scaler, step, dist)
                 saved = step
-            if validation and (step % config.eval_every == 0 or step == total):
-                log.evaluation(step, *validation.run(model, config), out)
+            if step % config.eval_every == 0 or step == total:
+                if validation:
+                    log.evaluation(step, validation.run(model, config), out)
+                samples.record(model, step, out, log)
             if STOP.requested_by_any(dist):  # a signal came during this step, now whole
                 raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (StopSignals): save, say how to go on
@@ -279,7 +285,8 @@ def resolve_template(config: TrainConfig, tokenizer, log) -> TrainConfig:
 def load_data(config: TrainConfig, tokenizer, model, log):
     """Records → (input_ids, labels) → the batches of every step. Returns the config (with what
     had to change: a --seq-len past the model's context, a warmup longer than the run), the step
-    batches, and the Validation of each evaluation (None without validation data)."""
+    batches, the Validation of each evaluation (None without validation data), and the Samples
+    answered then (run/samples.py)."""
     context = model.config.max_seq_len
     if config.seq_len > context:
         log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; "
@@ -315,42 +322,21 @@ def load_data(config: TrainConfig, tokenizer, model, log):
         log.say(f"note: --warmup-steps {config.warmup_steps} is not shorter than the run "
                 f"({batches.total_steps} steps); warming up for {warmup} steps (10%) instead")
         config = replace(config, warmup_steps=warmup)
+    samples = make_samples(config, train_records, val_records, tokenizer, template, log)
     if not val_examples:
-        return config, batches, None
-    # The prompt answered at each evaluation: a held-out one, except in the demo, whose tiny model
-    # can only memorise, so there it answers a training prompt.
-    prompt = config.sample_prompt
-    if prompt is None:
-        prompt = train_records[0] if config.checkpoint is None else val_records[0]
-    prompt_ids = sample_prompt_ids(prompt, tokenizer, template, config.seq_len, log)
+        return config, batches, None, samples
     val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options)
-    return config, batches, Validation(val_batches, tokenizer, prompt_ids)
-
-
-def sample_prompt_ids(prompt, tokenizer, template, seq_len: int, log) -> list[int]:
-    """The ids of the prompt answered at each evaluation, cut as a training example is cut: its
-    end off, so that it and the first answer token fit in --seq-len."""
-    ids = data.encode_prompt(prompt, tokenizer, template)
-    if len(ids) >= seq_len:
-        log.say(f"note: the sample prompt has {len(ids)} tokens; answering its first {seq_len - 1} "
-                f"(--seq-len {seq_len}, less the first answer token), as training examples are cut")
-        ids = ids[:seq_len - 1]
-    return ids
+    return config, batches, Validation(val_batches), samples
 
 
 @dataclass
 class Validation:
-    """What each evaluation looks at: the held-out batches, and one prompt answered greedily."""
+    """What each evaluation measures: the loss on the held-out batches."""
     batches: list
-    tokenizer: object
-    prompt_ids: list[int]
 
-    def run(self, model, config) -> tuple[float, str]:
-        """(mean held-out loss per target token, the model's answer to the prompt)."""
-        loss = evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
-        answer = generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=48,
-                          temperature=0.0)
-        return loss, self.tokenizer.decode(list(answer))
+    def run(self, model, config) -> float:
+        """The mean held-out loss per target token."""
+        return evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
 
 
 # -- Finishing: what the user came for ------------------------------------------------------------

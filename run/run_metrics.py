@@ -118,12 +118,17 @@ class Log:
         elif row["step"] % self.every == 0 or row["step"] == self.total:
             self.say(f"step {row['step']}/{self.total}: {text}")
 
-    def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
+    def evaluation(self, step: int, val_loss: float, out: Path):
         if self.speaks:
             perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among so many
             log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
-            text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
-            self.write(f"{text}\n  sample: {sample!r}")
+            self.write(f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})")
+
+    def samples(self, rows: list[dict]):
+        """The newest answers to the sample prompts (samples.jsonl has them all)."""
+        for row in rows:
+            prompt = row["prompt"] if len(row["prompt"]) <= 40 else row["prompt"][:39] + "…"
+            self.write(f"  sample: {prompt!r} → {row['answer']!r}")
 
     def write(self, text: str):
         if self.bar is not None:

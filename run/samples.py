@@ -2,9 +2,9 @@
 record's loss token by token (run/report.py shows both).
 
 Before the first step the base model answers the prompts; at each evaluation and at the end the
-tuned model answers them again, greedily, with the run's template: what `generate.py --checkpoint
-OUT --temperature 0 --max-new-tokens 48 --prompt P` answers. Each answer is one row of
-out/samples.jsonl:
+tuned model answers them again, greedily, with the run's template, at most --sample-tokens N
+tokens: what `generate.py --checkpoint OUT --temperature 0 --max-new-tokens N --prompt P`
+answers. Each answer is one row of out/samples.jsonl:
 
     {"step": 0, "prompt": "Name a color.", "answer": "Blue.", "tokens": 3,
      "ended_with_end_token": true}
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import data
 from generate import generate
 from model import IGNORE_INDEX, next_token_targets
+from run.report import write_report
 from run.run_dir import SAMPLES, TOKEN_LOSSES
 from run.run_metrics import log_metrics
 
-MAX_NEW_TOKENS = 48  # per answer: enough to see whether the model stops, cheap at each evaluation
 DEFAULT_PROMPTS = 3  # how many records answer when --sample-prompt is not given
 
 
@@ -56,12 +56,12 @@ def prompt_ids(prompt, tokenizer, template, seq_len: int, log) -> list[int]:
     return ids
 
 
-def answer(model, tokenizer, ids: list[int]) -> tuple[list[int], bool]:
+def answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
     """The greedy answer to a prompt, and whether it ended with an end token. generate() stops
-    early for one of two reasons: an end token, or a full context (it then yields one token past
-    the context, which it never runs)."""
-    tokens = list(generate(model, tokenizer, ids, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))
-    ended = len(tokens) < MAX_NEW_TOKENS and len(ids) + len(tokens) <= model.config.max_seq_len
+    before max_new_tokens for one of two reasons: an end token, or a full context (it then
+    yields one token past the context, which it never runs)."""
+    tokens = list(generate(model, tokenizer, ids, max_new_tokens, temperature=0.0))
+    ended = len(tokens) < max_new_tokens and len(ids) + len(tokens) <= model.config.max_seq_len
     return tokens, ended
 
 
@@ -105,25 +105,29 @@ class Samples:
     """The prompts a run answers and the training record it shows token by token, encoded once."""
     prompts: list[str]              # as the report shows them
     prompt_ids: list[list[int]]
-    record: tuple[list[int], list[int]]  # (ids, labels) of one training example
+    record_example: tuple[list[int], list[int]]  # (ids, labels) of one training example
     tokenizer: object
+    max_new_tokens: int  # --sample-tokens; 0: no prompts are answered
 
-    def record_step(self, model, step: int, out: Path | None) -> list[dict]:
-        """Answer every prompt and measure the record's token losses; write both (out None: on
-        torchrun's other ranks, which take part but write nothing). Returns the answers' rows."""
+    def record(self, model, step: int, out: Path, log):
+        """Answer every prompt and measure the record's token losses; log them, and draw the
+        report again. (Under torchrun every rank answers, as the sharded model needs; one
+        writes.)"""
         rows = []
-        for text, ids in zip(self.prompts, self.prompt_ids):
-            tokens, ended = answer(model, self.tokenizer, ids)
+        for text, ids in zip(self.prompts, self.prompt_ids) if self.max_new_tokens else []:
+            tokens, ended = answer(model, self.tokenizer, ids, self.max_new_tokens)
             rows.append({"step": step, "prompt": text, "answer": self.tokenizer.decode(tokens),
                          "tokens": len(tokens), "ended_with_end_token": ended})
-        ids, labels = self.record
+        ids, labels = self.record_example
         losses = token_losses(model, ids, labels)
-        if out is not None:
-            for row in rows:
-                log_metrics(out, row, SAMPLES)
-            log_metrics(out, {"step": step, "tokens": token_pieces(self.tokenizer, ids),
-                              "losses": losses}, TOKEN_LOSSES)
-        return rows
+        if not log.speaks:
+            return
+        for row in rows:
+            log_metrics(out, row, SAMPLES)
+        log_metrics(out, {"step": step, "tokens": token_pieces(self.tokenizer, ids),
+                          "losses": losses}, TOKEN_LOSSES)
+        log.samples(rows)
+        write_report(out)
 
 
 def make_samples(config, train_records, val_records, tokenizer, template, log) -> Samples:
@@ -132,10 +136,8 @@ def make_samples(config, train_records, val_records, tokenizer, template, log) -
     prompts = config.sample_prompt or default_prompts(train_records, val_records,
                                                       demo=config.checkpoint is None)
     ids = [prompt_ids(p, tokenizer, template, config.seq_len, log) for p in prompts]
-    example = None
-    for record in train_records:
-        example = data.encode_example(record, tokenizer, template, config.seq_len,
-                                      config.train_on_prompt)
-        if example is not None:
-            break
-    return Samples([prompt_text(p) for p in prompts], ids, example, tokenizer)
+    examples = (data.encode_example(record, tokenizer, template, config.seq_len,
+                                    config.train_on_prompt) for record in train_records)
+    example = next(e for e in examples if e is not None)  # (encode_dataset kept one at least)
+    return Samples([prompt_text(p) for p in prompts], ids, example, tokenizer,
+                   config.sample_tokens)

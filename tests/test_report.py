@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate
 import report
+import train_sft
 from conftest import shared_path
 from errors import run_cli
 from model import ModelConfig, Transformer
@@ -176,24 +178,125 @@ def test_an_answer_ended_with_the_end_token_only_when_generate_stopped_at_one():
     model.init_weights()
     tok = ByteTokenizer()
     prompt = tok.encode("Hi", bos=True)
-    tokens, ended = samples.answer(model, tok, prompt)  # random weights: no end token in 48
-    assert len(tokens) == samples.MAX_NEW_TOKENS and not ended
+    tokens, ended = samples.answer(model, tok, prompt, 48)  # random weights: no end token in 48
+    assert len(tokens) == 48 and not ended
 
     class StopsEarly(ByteTokenizer):  # the 4th token answered is now an end token
         stop_ids = {tokens[3]}
     first = tokens.index(tokens[3])
-    assert samples.answer(model, StopsEarly(), prompt) == (tokens[:first], True)
+    assert samples.answer(model, StopsEarly(), prompt, 48) == (tokens[:first], True)
     model.config.max_seq_len = len(prompt) + 10  # the context fills before 48 tokens
-    short, ended = samples.answer(model, tok, prompt)
+    short, ended = samples.answer(model, tok, prompt, 48)
     assert (short, ended) == (tokens[:11], False)
+
+
+# ---------------------------------------------------------------- 3. a real run
+
+PROMPTS = ["Name a color.", "Write a haiku about the sea."]
+TOKENS = 40  # --sample-tokens
+
+@pytest.fixture(scope="module")
+def stories_run(tmp_path_factory) -> Path:
+    """LoRA on the real stories260K checkpoint, 4 steps, evaluated every 2, two sample prompts."""
+    out = tmp_path_factory.mktemp("stories") / "run"
+    argv = ["--checkpoint", shared_path("models", "stories260K"),
+            "--data", shared_path("data", "litgpt_fixture_alpaca.json"), "--out", out,
+            "--seq-len", 128, "--batch-size", 2, "--grad-accum", 1, "--val-split", 0.2,
+            "--lr", 1e-2, "--warmup-steps", 1, "--max-steps", 4, "--eval-every", 2,
+            "--sample-prompt", PROMPTS[0], "--sample-prompt", PROMPTS[1],
+            "--sample-tokens", TOKENS]
+    train_sft.main([str(a) for a in argv])
+    return out
+
+
+def generated(checkpoint, prompt: str, capsys, *extra) -> dict:
+    """generate.py's greedy answer, as samples.jsonl writes one."""
+    code, out, err = cli(["--checkpoint", checkpoint, "--prompt", prompt, "--temperature", 0,
+                          "--max-new-tokens", TOKENS, *extra], capsys,
+                         main=generate.main)
+    assert code == 0, err
+    tokens = int(re.search(r"\+ (\d+) generated tokens", err).group(1))
+    return {"prompt": prompt, "answer": out[:-1], "tokens": tokens}
+
+
+def test_the_answers_are_what_generate_py_answers(stories_run, capsys):
+    rows = [json.loads(line) for line in (stories_run / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (0, 2, 4) for p in PROMPTS]
+    stories = shared_path("models", "stories260K")
+    for row in rows:
+        answered = {k: row[k] for k in ("prompt", "answer", "tokens")}
+        if row["step"] == 0:  # the base model, prompted with the template the run used
+            assert answered == generated(stories, row["prompt"], capsys, "--template", "alpaca")
+        if row["step"] == 4:  # the tuned model: the run's adapter on its base
+            assert answered == generated(stories_run, row["prompt"], capsys)
+        stopped = row["tokens"] < TOKENS  # (the context, 512, is never full here)
+        assert row["ended_with_end_token"] == stopped
+    assert rows[0]["answer"] != rows[-2]["answer"]  # it did learn something
+    page = Page((stories_run / "report.html").read_text())
+    shown = "".join(page.text)
+    assert all(row["answer"] in shown for row in rows)
+    metrics = [json.loads(line) for line in (stories_run / "metrics.jsonl").open()]
+    held_out = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+    assert [step for step, _ in held_out] == [0, 2, 4]
+    assert_drawn(polyline(page, "held out"), held_out)
+    assert_drawn(polyline(page, "train"), [(r["step"], r["loss"]) for r in metrics if "loss" in r])
+
+
+def test_a_resumed_run_continues_the_same_history(tmp_path, monkeypatch):
+    """The demo, crashed at step 4 (its checkpoint: step 2; evaluated at 1, 2 and 3), then
+    resumed: samples.jsonl and token_losses.jsonl are those of the run that never stopped, the
+    rows of step 3 not twice."""
+    records = tmp_path / "train.json"
+    records.write_text((Path(train_sft.__file__).parent / "examples" / "alpaca_demo.json")
+                       .read_text())
+    def argv(out):
+        return [str(a) for a in ["--checkpoint", "tiny", "--data", records, "--out", out,
+                                 "--template", "none", "--seq-len", 64, "--batch-size", 2,
+                                 "--val-split", 0, "--max-steps", 4, "--eval-every", 1,
+                                 "--save-every", 2, "--sample-prompt", "What is 2 + 3?"]]
+    train_sft.main(argv(tmp_path / "straight"))
+    real, calls = train_sft.train_step, []
+
+    def crash_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(train_sft, "train_step", crash_at_step_4)
+        with pytest.raises(RuntimeError):
+            train_sft.main(argv(tmp_path / "resumed"))
+    resumed = tmp_path / "resumed"
+    steps = [json.loads(line)["step"] for line in (resumed / "samples.jsonl").open()]
+    assert steps == [0, 1, 2, 3]  # (the crash came before the report of step 4)
+    train_sft.main(argv(resumed) + ["--resume"])
+    for name in ("samples.jsonl", "token_losses.jsonl"):
+        assert (resumed / name).read_text() == (tmp_path / "straight" / name).read_text()
+    rows = table_rows((resumed / "report.html").read_text())
+    assert [row[0] for row in rows if row[-1] in ("yes", "no")] == \
+        ["base (step 0)", "step 1", "step 2", "step 3", "step 4"]
+
+
+def test_sample_tokens_0_answers_nothing_and_still_reports(tmp_path):
+    records = tmp_path / "train.json"
+    records.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}] * 4))
+    out = tmp_path / "out"
+    train_sft.main([str(a) for a in ["--checkpoint", "tiny", "--data", records, "--out", out,
+                                     "--template", "none", "--seq-len", 64, "--batch-size", 2,
+                                     "--val-split", 0, "--max-steps", 1, "--sample-tokens", 0]])
+    assert not (out / "samples.jsonl").exists()
+    assert [json.loads(line)["step"] for line in (out / "token_losses.jsonl").open()] == [0, 1]
+    shown = "".join(Page((out / "report.html").read_text()).text)
+    assert "(no sample answered yet)" in shown and "mean loss of the trained tokens" in shown
 
 
 # ---------------------------------------------------------------- 4. report.py
 
-def cli(argv, capsys):
+def cli(argv, capsys, main=report.main):
+    """A script's main as the command line runs it, in-process: (exit status, stdout, stderr)."""
     capsys.readouterr()
     try:
-        run_cli(report.main, [str(a) for a in argv])
+        run_cli(main, [str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
