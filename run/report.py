@@ -21,7 +21,7 @@ from pathlib import Path
 from errors import UserError
 from formats.files import atomic_write
 from run.run_dir import METRICS, SAMPLES, TOKEN_LOSSES, run_config, writing
-from run.run_metrics import read_metrics
+from run.run_metrics import is_number, read_metrics
 from run.svg import COLOURS, Series, line_chart
 
 GENERATOR = "sft-from-scratch report.py"  # in every page: report.py overwrites only its own pages
@@ -56,13 +56,28 @@ class RunLog:
         return self.out.resolve().name
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of one of the run's logs ([] before it is written); a torn last line is left
-    out, as --resume leaves it out."""
+def is_answer(row: dict) -> bool:
+    """A row of samples.jsonl as run/samples.py writes it."""
+    return (isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)
+            and type(row.get("tokens")) is int)
+
+
+def is_token_losses(row: dict) -> bool:
+    """A row of token_losses.jsonl as run/samples.py writes it."""
+    tokens, losses = row.get("tokens"), row.get("losses")
+    return (isinstance(tokens, list) and isinstance(losses, list) and len(tokens) == len(losses)
+            and all(isinstance(t, str) for t in tokens)
+            and all(loss is None or is_number(loss) for loss in losses))
+
+
+def read_rows(path: Path, fits=lambda row: True) -> list[dict]:
+    """The rows of one of the run's logs ([] before it is written). A line that is not such a
+    row (torn by a kill, edited by hand) is left out, as --resume leaves it out: the report of a
+    run in progress never stops the run."""
     if not path.is_file():
         return []
     try:
-        return [row for _, row in read_metrics(path)[0]]
+        return [row for _, row in read_metrics(path)[0] if fits(row)]
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
@@ -74,8 +89,8 @@ def read_run(directory) -> RunLog:
     if config is None:
         what = "does not exist" if not out.exists() else "holds no config.json of train_sft.py"
         raise UserError(f"{out} is not a training run: it {what}")
-    return RunLog(out, config, read_rows(out / METRICS), read_rows(out / SAMPLES),
-                  read_rows(out / TOKEN_LOSSES))
+    return RunLog(out, config, read_rows(out / METRICS), read_rows(out / SAMPLES, is_answer),
+                  read_rows(out / TOKEN_LOSSES, is_token_losses))
 
 
 # ---------------------------------------------------------------- what the report says
@@ -83,8 +98,9 @@ def read_run(directory) -> RunLog:
 def settings(config: dict) -> dict[str, str]:
     """The settings that decide what a run learns, in words (what the run had to change, such
     as a --seq-len past the model's context, in place of what was given)."""
-    c = {**config, **config.get("effective", {})}
-    lora = c.get("lora") or {}
+    effective = config.get("effective")
+    c = {**config, **(effective if isinstance(effective, dict) else {})}
+    lora = c.get("lora") if isinstance(c.get("lora"), dict) else {}
     method = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (4-bit NF4 base)"}
     described = method.get(c.get("method"), str(c.get("method")))
     if c.get("method") in ("lora", "qlora"):
@@ -95,8 +111,9 @@ def settings(config: dict) -> dict[str, str]:
     template = str(c.get("template"))
     if "{{" in template or "{%" in template:
         template = "the model's chat template (jinja)"
-    held_out = c.get("val_data") or (f"{c.get('val_split', 0):.0%} of the data"
-                                     if c.get("val_split") else "none")
+    split = c.get("val_split")
+    held_out = c.get("val_data") or (f"{split:.0%} of the data" if is_number(split) and split
+                                     else "none")
     length = (f"{c['max_steps']} steps" if c.get("max_steps") else f"{c.get('epochs')} epochs")
     return {
         "model": str(c.get("checkpoint") or "the demo's tiny random model (--checkpoint tiny)"),
@@ -126,8 +143,8 @@ def loss_series(run: RunLog, colour: str, prefix: str = "") -> list[Series]:
 
 def speed(run: RunLog) -> dict[str, str]:
     """Tokens per second (the median step: the first steps warm up) and the GPU's peak memory."""
-    rates = [r["tokens_per_s"] for r in run.metrics if "tokens_per_s" in r]
-    peaks = [r["peak_mem_gib"] for r in run.metrics if r.get("peak_mem_gib") is not None]
+    rates = [r["tokens_per_s"] for r in run.metrics if is_number(r.get("tokens_per_s"))]
+    peaks = [r["peak_mem_gib"] for r in run.metrics if is_number(r.get("peak_mem_gib"))]
     losses = [r for r in run.metrics if "loss" in r]
     evaluations = [r for r in run.metrics if "val_loss" in r]
     numbers = {"steps logged": str(max((r["step"] for r in run.metrics), default=0))}
@@ -229,7 +246,7 @@ def record_html(token_losses: list[dict]) -> list[str]:
     if not token_losses:
         return ["<p>(not measured yet)</p>"]
     shown = [token_losses[0]] + token_losses[-1:] if len(token_losses) > 1 else token_losses
-    worst = max(loss for row in shown for loss in row["losses"] if loss is not None)
+    worst = max((loss for row in shown for loss in row["losses"] if loss is not None), default=0)
     parts = ["<p>Grey tokens are the prompt: masked, the model is not trained on them. The "
              "others are trained; their colour is their loss, green (the model expected that "
              f"token) to red (loss {worst:.2f} or more). Hover over a token for its loss.</p>"]

@@ -35,12 +35,14 @@ def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     return rows, unreadable
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int)
+
+
 def _is_metrics_row(row) -> bool:
     """A row as Log writes it: a step, and numbers for what plot_losses draws."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
     return (isinstance(row, dict) and type(row.get("step")) is int
-            and all(number(row[key]) for key in ("loss", "val_loss") if key in row))
+            and all(is_number(row[key]) for key in ("loss", "val_loss") if key in row))
 
 
 def drop_metrics_after(out: Path, step: int):

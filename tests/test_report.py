@@ -74,7 +74,8 @@ ANSWERS = {0: ["<b>not bold</b> & on", "rambles"], 5: ["Blue.", "Hi | there"],
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run directory as train_sft.py leaves it, written here: config.json and the three logs
-    (the last line of metrics.jsonl torn, as a kill leaves it)."""
+    (the last line of metrics.jsonl torn, as a kill leaves it; a row of the others edited by
+    hand, which the report leaves out)."""
     out = tmp_path / "run"
     out.mkdir()
     config = {"run_format": RUN_FORMAT, "checkpoint": "models/stories260K", "data": "d.json",
@@ -98,7 +99,10 @@ def run_dir(tmp_path) -> Path:
     write_rows(out / "token_losses.jsonl", [
         {"step": 0, **record, "losses": [None, None, None, None, 4.0, 3.0, 6.0]},
         {"step": 5, **record, "losses": [None, None, None, None, 1.0, 1.0, 1.0]},
-        {"step": 10, **record, "losses": [None, None, None, None, 0.5, 0.25, 0.125]}])
+        {"step": 10, **record, "losses": [None, None, None, None, 0.5, 0.25, 0.125]},
+        {"step": 11, **record, "losses": [1.0]}])
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"step": 11, "prompt": "Say hi.", "answer": null, "tokens": 3}\n')
     return out
 
 
