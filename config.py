@@ -132,7 +132,7 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--grad-clip", type=non_negative_float, default=d.grad_clip,
       help="clip the global gradient norm to this (0 = off)")
     a("--eval-every", type=positive_int, default=d.eval_every,
-      help="validation loss + a sample every N steps")
+      help="held-out loss, sample answers and report.html every N steps")
     a("--save-every", type=positive_int, default=d.save_every,
       help="checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)")
     a("--sample-prompt", action="append", help="an instruction the model answers before the first "
