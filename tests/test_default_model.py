@@ -119,7 +119,7 @@ def test_one_real_step_of_the_users_command(smollm2_path, tmp_path, capsys):
     out = tmp_path / "out"
     train_sft.main(["--data", str(DEMO_DATA), "--out", str(out), "--max-steps", "1",
                     "--seq-len", "64", "--batch-size", "1", "--grad-accum", "1",
-                    "--val-split", "0"])
+                    "--val-split", "0", "--sample-tokens", "2"])
     printed = capsys.readouterr().out
     assert (f"model: SmolLM2-135M-Instruct, the default without --checkpoint ({smollm2_path}, "
             "98 MB); --checkpoint PATH trains another model") in printed
