@@ -3,7 +3,7 @@ that fills it (train_sft.py's flags). out/config.json holds a run's TrainConfig,
 
     python train_sft.py --help      # every flag, its help and its default
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import data
@@ -58,7 +58,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 200
     save_every: int = 200
-    sample_prompt: str | None = None
+    sample_prompt: list[str] | None = None  # None: run/samples.py's default_prompts
+    sample_tokens: int = 48        # the longest sample answer; 0: no samples
     seed: int = 42
     precision: str | None = None   # None: model.default_precision
     grad_ckpt: bool = False
@@ -83,6 +84,13 @@ DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=25
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
+
+
+def from_flags(settings, flags, prefix: str = "", **given):
+    """A settings dataclass filled from the parsed flags of its fields' names (--lora-r fills
+    LoRASettings.r with prefix "lora_"); `given` fills the rest."""
+    return settings(**given, **{f.name: getattr(flags, prefix + f.name) for f in fields(settings)
+                                if f.name not in given and hasattr(flags, prefix + f.name)})
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
@@ -115,8 +123,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="dropout on the LoRA input")
     a("--lora-targets", default=d.lora.targets,
       help="layers to adapt: any of q,k,v,o,gate,up,down,head, or all")
-    a("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
-    a("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    a("--rslora", action="store_true", dest="lora_rslora",
+      help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    a("--dora", action="store_true", dest="lora_dora", help="weight-decomposed LoRA (DoRA)")
     a("--seq-len", type=positive_int, default=d.seq_len,
       help="max tokens per example; longer ones are truncated")
     a("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-batch")
@@ -133,11 +142,16 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--grad-clip", type=non_negative_float, default=d.grad_clip,
       help="clip the global gradient norm to this (0 = off)")
     a("--eval-every", type=positive_int, default=d.eval_every,
-      help="validation loss + a sample every N steps")
+      help="held-out loss, sample answers and report.html every N steps")
     a("--save-every", type=positive_int, default=d.save_every,
       help="checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)")
-    a("--sample-prompt", help="instruction answered at each evaluation (default: the first "
-      "validation record)")
+    a("--sample-prompt", action="append", help="an instruction the model answers before the first "
+      "step, at each evaluation and at the end (samples.jsonl, report.html); give it several "
+      "times for several (default: the first 3 held-out records, else training records; the "
+      "demo answers training records, all its tiny model can learn)")
+    a("--sample-tokens", type=non_negative_int, default=d.sample_tokens,
+      help="the most tokens a sample answer may take; one that reaches it did not stop by itself "
+      "(0: no sample answers)")
     a("--seed", type=seed, default=d.seed,
       help="seed for adapter init, data order and dropout, in [0, 2**63)")
     a("--precision", choices=list(PRECISIONS),
@@ -175,13 +189,11 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     elif args.checkpoint is None:  # --data alone: a real pretrained model
         data_file(args.data)  # (a mistyped --data is said before a download, not after)
         args.checkpoint = str(default_model.fetch())
-    values = vars(args)
-    lora = LoRASettings(r=values.pop("lora_r"), alpha=values.pop("lora_alpha"),
-                        dropout=values.pop("lora_dropout"), targets=values.pop("lora_targets"),
-                        rslora=values.pop("rslora"), dora=values.pop("dora"))
-    if not values["data"]:
+    if not args.data:
         raise UserError("--data is required with --checkpoint")
-    config = TrainConfig(**values, lora=lora)
+    config = from_flags(TrainConfig, args, lora=from_flags(LoRASettings, args, prefix="lora_"))
+    unused = set(vars(args)) - set(vars(config)) - {"lora_" + name for name in vars(config.lora)}
+    assert not unused, f"flags that fill no setting: {unused}"  # (a new flag needs its field)
     if config.precision is None:
         config.precision = default_precision(config.device)
     if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):

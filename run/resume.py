@@ -33,11 +33,12 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
 # --early-stop decides only when the run ends, like a cadence: the steps it trains are the same.
 # (--neftune-alpha changes every step's inputs, as dropout does: it must match.)
-# Of these, the cadences, the sample prompt and --early-stop are noted in the history too
+# Of these, the cadences, the sample prompts and --early-stop are noted in the history too
 # (RECORDED).
-RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile", "early_stop")
-RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "early_stop")
+RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt",
+                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "early_stop")
+RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "sample_tokens",
+                                  "early_stop")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
 # Names of today's config.json (flat) for the settings TrainConfig now groups under "lora".

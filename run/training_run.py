@@ -1,7 +1,7 @@
 """A training run as the loop sees it: its directory, its log and its processes, in one object.
 
     run.step(row)               a row of metrics.jsonl, and the progress bar or a log line
-    run.evaluation(step, ...)   the held-out loss and the sample answer; out/best/ and
+    run.evaluation(step, ...)   the held-out loss, the sample answers, the report; out/best/ and
                                 --early-stop (run.best: run/best.py)
     run.save(...)               checkpoint.pt (run/run_dir.py: save_state), atomically
     run.processes               one process, or torchrun's (run/processes.py)
@@ -31,13 +31,19 @@ class TrainingRun:
     def step(self, row: dict):
         self.log.step(row, self.out)
 
-    def evaluation(self, step: int, val_loss: float, sample: str) -> bool:
-        """Log it, keep out/best/; True when --early-stop ends the run here."""
-        self.log.evaluation(step, val_loss, sample, self.out)
-        if self.best is None or not self.best.evaluated(step, val_loss):
-            return False
-        self.log.write(self.best.stop_line(step))
-        return True
+    def evaluation(self, step: int, model, train_data, config) -> bool:
+        """The held-out loss (with held-out data) and out/best/ kept by it, the sample prompts'
+        answers, and the report drawn again (run/samples.py). True when --early-stop ends the run
+        here."""
+        stop = False
+        if train_data.validation:
+            val_loss = train_data.validation.run(model, config)
+            self.log.evaluation(step, val_loss, self.out)
+            stop = self.best is not None and self.best.evaluated(step, val_loss)
+        train_data.samples.record(model, step, self.out, self.log)
+        if stop:
+            self.log.write(self.best.stop_line(step))
+        return stop
 
     def save(self, model, optimizer, scaler, step: int):
         save_state(self.out, model, optimizer, scaler, step, self.processes)
