@@ -675,7 +675,7 @@ def test_cli(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == f"error: {bad}: record 2: missing key 'output' (Alpaca records need " \
-                         "'instruction' and 'output'; chat records need 'messages')\n"
+                         "'instruction' and 'output'; the other formats: docs/data.md)\n"
     run = subprocess.run([sys.executable, "data.py", "--data", str(bad), "--tokenizer", tokenizer,
                           "--seq-len", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""  # a one-line error, not a traceback
