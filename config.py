@@ -13,7 +13,7 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
 from lora import parse_targets
 from model import DEFAULT_PRECISION, PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
-from records import data_file
+from records import columns_flag, data_file
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -42,8 +42,10 @@ class TrainConfig:
     data: str | None = None
     val_data: str | None = None
     val_split: float = 0.05
+    columns: str | None = None     # --columns: their keys as ours, "output=answer,..."
     template: str = "auto"        # config.json: the template used, a name or a jinja source
     train_on_prompt: bool = False
+    train_on: str = "all"          # multi-turn records: every assistant turn, or the last
     out: str = "out"
     method: str = "lora"           # lora, qlora or full
     lora: LoRASettings = field(default_factory=LoRASettings)
@@ -95,14 +97,19 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       f"${default_model.CACHE_ENV} or ~/.cache/sft-from-scratch; without --data, the demo: tiny)")
     a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
       "--checkpoint)")
-    a("--data", help="training data: Alpaca or chat records, JSON or JSONL (required with "
-      "--checkpoint PATH; default for the demo: examples/alpaca_demo.json)")
+    a("--data", help="training data: Alpaca, ShareGPT, Dolly, prompt/completion or chat records "
+      "in JSON, JSON Lines, CSV, TSV or Parquet, or a folder of them (docs/data.md; required "
+      "with --checkpoint PATH; default for the demo: examples/alpaca_demo.json)")
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
     a("--template", default=d.template, choices=["auto", *data.TEMPLATES],
       help="prompt template; auto: the checkpoint's own chat template, else alpaca")
+    a("--columns", type=columns_flag, help="their keys as ours, e.g. "
+      "output=answer,instruction=question (default: none)")
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask)")
+    a("--train-on", choices=data.TRAIN_ON, default=d.train_on,
+      help="in multi-turn records, train on every assistant turn or only the last")
     a("--out", default=d.out, help="output directory: new, empty, or a run of this project")
     a("--method", choices=["lora", "qlora", "full"], default=d.method,
       help="LoRA adapters, QLoRA (LoRA on a 4-bit NF4 base: speed/quant.py) or full fine-tuning")
@@ -183,4 +190,5 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     if config.precision == "fp16" and not config.device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)
+    data.check_train_on(config.train_on, config.train_on_prompt)
     return config

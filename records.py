@@ -12,6 +12,7 @@ The files that hold them (JSON, JSON Lines, CSV, Parquet, a folder) are read by
 formats/data_files.py. Every mistake in a file is a UserError of one line that names the file and
 the record (or, in JSON Lines and CSV, the line or row an editor shows).
 """
+import argparse
 import random
 from collections import Counter
 from pathlib import Path
@@ -80,6 +81,15 @@ def parse_columns(text: str) -> dict:
                             f"{', '.join(KEYS)})")
         columns[ours] = theirs
     return columns
+
+
+def columns_flag(text: str) -> str:
+    """argparse's type= for --columns: the text, once parse_columns accepts it."""
+    try:
+        parse_columns(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
 
 
 def rename_columns(items: list, columns: dict, path) -> list:

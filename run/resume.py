@@ -16,10 +16,10 @@ from errors import UserError
 # model, its tokenizer, the data and how it is cut into steps, the adapters' shape, the precision):
 # a resumed run must use the same ones. Nested groups are flattened: TrainConfig's lora.r is
 # "lora_r" (see flat_settings).
-RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
-                     "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
-                     "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
+RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "columns",
+                     "template", "train_on_prompt", "train_on", "method", "lora_r", "lora_alpha",
+                     "lora_dropout", "lora_targets", "lora_rslora", "lora_dora", "seq_len",
+                     "batch_size", "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
                      "adamw_state", "loss_chunk", "packing", "world_size")
 # Settings a run may go on with after a change: how fast and how long it learns from here (a lower
 # --lr after a diverged run, a longer run). The weights from the checkpoint on are then not those

@@ -650,7 +650,7 @@ def test_cli_show_0_prints_only_the_statistics(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     main(["--data", "examples/alpaca_demo.json", "--tokenizer", tokenizer, "--show", "0"])
     out = capsys.readouterr().out
-    assert "example" not in out and out.startswith("records 40: kept 40")
+    assert "example" not in out and out.startswith("records 40 (40 turns): kept 40")
 
 
 def test_format_example_marks_targets(llama2):
@@ -667,7 +667,7 @@ def test_cli(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "### Response:\n[[2 + 3 = 5.</s>]]" in run.stdout
-    assert "records 40: kept 40 (0 truncated to 512 tokens), dropped 0" in run.stdout
+    assert "records 40 (40 turns): kept 40 (0 truncated to 512 tokens), dropped 0" in run.stdout
     assert "padding efficiency at batch size 8, packed:" in run.stdout and "median" in run.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]')

@@ -4,17 +4,21 @@ Parquet, a folder, a wrapped array) give the same records, ids and labels; each 
 line. The records are the real Alpaca and LIMA data of tests/fixtures, written out by the test."""
 import csv
 import json
+import statistics
 import sys
 
+import numpy
+
+import pyarrow  # (requirements-dev.txt; at run time an optional dependency)
+import pyarrow.parquet
 import pytest
 
 from conftest import shared_path
-from data import TEMPLATES, encode_dataset
+from chat_template import ChatTemplate
+from data import TEMPLATES, encode_dataset, encode_example, main, tokenize_conversation
 from errors import UserError
+from model import IGNORE_INDEX
 from records import load_records, normalize_record, parse_columns
-
-pyarrow = pytest.importorskip("pyarrow")  # requirements-dev.txt
-import pyarrow.parquet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def as_prompt_completion(record):
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-# ── Files: every file format gives the records of the JSON array ──────────────────
+# ── Files: every file format gives the records of the JSON array ────────────────────────────────
 
 def test_every_file_format_reads_the_same_records(alpaca, tmp_path):
     expected = load_records(shared_path("data", "alpaca_data_1k.json"))
@@ -118,7 +122,7 @@ def test_a_record_that_fails_is_named_by_its_row_or_line(tmp_path):
         load_records(write_json(tmp_path / "w.json", {"data": rows}))
 
 
-# ── Records: every record format gives the same conversations, ids and labels ─────────────
+# ── Records: every record format gives the same conversations, ids and labels ───────────────────
 
 def test_dolly_is_alpaca_with_context_as_input(alpaca, tmp_path):
     dolly = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"],
@@ -169,7 +173,7 @@ def test_several_formats_in_one_file_are_counted(tmp_path):
     assert said == [f"read 3 records (2 Alpaca, 1 prompt/completion) from {tmp_path / 'm.jsonl'}"]
 
 
-# ── --columns ──────────────────────────────────────────────────────────────────────
+# ── --columns ───────────────────────────────────────────────────────────────────────────────────
 
 def test_columns_map_their_keys_to_ours(tmp_path):
     rows = [{"question": "2+2?", "answer": "4", "output": "ignored"}]
@@ -194,7 +198,7 @@ def test_bad_columns_are_one_line_errors(text, message):
     assert str(error.value).startswith(f"--columns {text!r}: {message}")
 
 
-# ── Mistakes: one line each ──────────────────────────────────────────────────────────
+# ── Mistakes: one line each ─────────────────────────────────────────────────────────────────────
 
 BAD = [
     ("bad.csv", "instruction,output\na,b,c\n", "bad.csv: row 2 has 3 cells, the header 2"),
@@ -241,3 +245,120 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
         load_records(path)
     assert str(error.value) == f"{path}: reading Parquet needs pyarrow, which is not installed: " \
                                "pip install pyarrow"
+
+
+# ── --train-on: every assistant turn, or the last ───────────────────────────────────────────────
+
+def answers(ids, labels, tokenizer):
+    """The decoded runs of target tokens."""
+    runs, run = [], []
+    for token, label in zip(ids + [None], labels + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("template", ["llama2-chat", "alpaca", "jinja"])
+def test_train_on_last_trains_the_last_answer_alone(template, lima, llama2):
+    """LIMA's multi-turn conversations: --train-on all trains every answer, last only the last;
+    the ids are the same. jinja: TinyLlama's chat template (tests/fixtures; its vocabulary is
+    Llama-2's)."""
+    tokenizer = llama2
+    if template == "jinja":
+        folder = shared_path("models", "llama2-tokenizer", "tinyllama-1.1b-chat-v1.0")
+        template = ChatTemplate((folder / "chat_template.jinja").read_text())
+    else:
+        template = TEMPLATES[template]
+    records = [r for r in load_records(shared_path("data", "llamafactory_lima_50.json"))
+               if len(r["turns"]) >= 3][:3]
+    assert records
+    for record in records:
+        every = encode_example(record, tokenizer, template, 4096)
+        last = encode_example(record, tokenizer, template, 4096, train_on="last")
+        assert last[0] == every[0]
+        trained = answers(*every, tokenizer)
+        assert len(trained) == len(record["turns"])
+        assert answers(*last, tokenizer) == trained[-1:]
+        assert trained[-1].strip().startswith(record["turns"][-1]["output"].strip()[:50])
+        assert [label for label in last[1] if label != IGNORE_INDEX] == \
+            [label for label in every[1] if label != IGNORE_INDEX][-len(
+                [label for label in last[1] if label != IGNORE_INDEX]):]
+
+
+def test_train_on_last_with_truncation_drops_what_loses_its_last_answer(llama2):
+    record = normalize_record({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Tell me a long story. " * 20},
+        {"role": "assistant", "content": "Once."}]})
+    template = TEMPLATES["llama2-chat"]
+    assert encode_example(record, llama2, template, 40) is not None  # "Hello." fits
+    assert encode_example(record, llama2, template, 40, train_on="last") is None
+
+
+def test_train_on_last_is_shown_and_contradicts_train_on_prompt(capsys, llama2):
+    tokenizer = str(shared_path("models", "llama2-tokenizer", "tokenizer.model"))
+    lima = str(shared_path("data", "llamafactory_lima_50.json"))
+    main(["--data", lima, "--tokenizer", tokenizer, "--template", "llama2-chat", "--show", "50",
+          "--train-on", "last", "--seq-len", "4096"])
+    shown = capsys.readouterr().out
+    assert "trained on" in shown and "--train-on last)" in shown
+    examples = [example.split("\n", 1)[1] for example in shown.split("── example ")[1:]]
+    assert len(examples) == 50 and all(example.count("[[") == 1 for example in examples)
+    with pytest.raises(UserError, match="^--train-on last and --train-on-prompt contradict each "
+                                        "other"):
+        main(["--data", lima, "--tokenizer", tokenizer, "--train-on", "last",
+              "--train-on-prompt"])
+
+
+# ── data.py --stats ─────────────────────────────────────────────────────────────────────────────
+
+def test_stats_counts_records_turns_lengths_truncation_and_trained_tokens(tmp_path, llama2,
+                                                                          capsys):
+    """The numbers --stats prints, against counts made here from the ids and labels."""
+    tokenizer = str(shared_path("models", "llama2-tokenizer", "tokenizer.model"))
+    path = shared_path("data", "llamafactory_lima_50.json")
+    records = load_records(path)
+    main(["--stats", str(path), "--tokenizer", tokenizer, "--template", "llama2-chat",
+          "--seq-len", "512", "--train-on", "last"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == f"read 50 records as Alpaca from {path}"
+    lines = captured.out.splitlines()
+    assert len(lines) == 3 and "example" not in captured.out and "padding" not in captured.out
+    full = [tokenize_conversation(r, llama2, TEMPLATES["llama2-chat"]) for r in records]
+    lengths = sorted(len(ids) for ids, _ in full)
+    examples = [encode_example(r, llama2, TEMPLATES["llama2-chat"], 512, train_on="last")
+                for r in records]
+    kept = [e for e in examples if e is not None]
+    truncated = sum(len(ids) > 512 for (ids, _), e in zip(full, examples) if e is not None)
+    turns = sum(len(r["turns"]) for r in records)
+    assert turns > 50 and truncated > 0
+    assert lines[0] == (f"records 50 ({turns} turns): kept {len(kept)} ({truncated} truncated to "
+                        f"512 tokens), dropped {50 - len(kept)} (prompt alone fills --seq-len)")
+    tokens = sum(len(ids) for ids, _ in kept)
+    trained = sum(label != IGNORE_INDEX for _, labels in kept for label in labels)
+    assert lines[1] == (f"tokens {tokens}, trained on {trained} ({trained / tokens:.0%}; "
+                        "--train-on last)")
+    median = statistics.median(lengths)
+    p95 = float(numpy.percentile(lengths, 95))
+    assert lines[2] == (f"length before truncation: min {lengths[0]}, median {median:.0f}, "
+                        f"p95 {p95:.0f}, max {lengths[-1]}")
+
+
+def test_stats_with_the_demo_tokenizer_and_flag_mistakes(tmp_path, capsys):
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
+    path = write_parquet(tmp_path / "q.parquet", rows)
+    main(["--stats", str(path), "--checkpoint", "tiny", "--columns",
+          "instruction=question,output=answer"])
+    assert capsys.readouterr().out.startswith("records 2 (2 turns): kept 2")
+    for flags, message in [
+            ([], "give --data (examples and statistics) or --stats FILE (statistics), one of them"),
+            (["--stats", str(path), "--data", str(path)], "give --data"),
+            (["--stats", str(path)], "give --tokenizer or --checkpoint"),
+            (["--stats", str(path), "--columns", "out=answer"],
+             "argument --columns: 'out' is not a key records have")]:
+        with pytest.raises(UserError) as error:
+            main(flags)
+        assert str(error.value).startswith(message)
