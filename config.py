@@ -13,7 +13,9 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
 from lora import parse_targets
 from model import DEFAULT_PRECISION, PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
-from records import columns_flag, data_file
+from formats.data_files import data_paths
+from records import columns_flag, data_source, parse_source
+from sources import check_weights
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -39,7 +41,7 @@ class TrainConfig:
     out/config.json holds these values, resolved; --resume compares against them."""
     checkpoint: str | None = None  # None: the demo's tiny random model (--checkpoint tiny)
     tokenizer: str | None = None   # None: the one next to the checkpoint
-    data: str | None = None
+    data: list[str] | None = None  # each as typed: PATH or PATH:WEIGHT (sources.py)
     val_data: str | None = None
     val_split: float = 0.05
     columns: str | None = None     # --columns: their keys as ours, "output=answer,..."
@@ -78,7 +80,7 @@ class TrainConfig:
 # The demo (`python train_sft.py`, or --checkpoint tiny) trains a small random model from scratch,
 # by default on examples/alpaca_demo.json (README: Two commands): it shows the whole pipeline,
 # offline, not a useful model. --data alone trains a real one (formats/default_model.py).
-DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
+DEMO = dict(method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
@@ -97,9 +99,11 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       f"${default_model.CACHE_ENV} or ~/.cache/sft-from-scratch; without --data, the demo: tiny)")
     a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
       "--checkpoint)")
-    a("--data", help="training data: Alpaca, ShareGPT, Dolly, prompt/completion or chat records "
-      "in JSON, JSON Lines, CSV, TSV or Parquet, or a folder of them (docs/data.md; required "
-      "with --checkpoint PATH; default for the demo: examples/alpaca_demo.json)")
+    a("--data", action="append", type=data_source, metavar="PATH[:WEIGHT]",
+      help="training data: Alpaca, ShareGPT, Dolly, prompt/completion or chat records in JSON, "
+      "JSON Lines, CSV, TSV or Parquet, or a folder of them (docs/data.md). Repeat it to mix "
+      "sources; WEIGHT in (0, 1] is the share of every epoch drawn from that one (sources.py). "
+      "Required with --checkpoint PATH; default for the demo: examples/alpaca_demo.json")
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
@@ -171,8 +175,11 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
         args = p.parse_args(argv)
         args.checkpoint = None
     elif args.checkpoint is None:  # --data alone: a real pretrained model
-        data_file(args.data)  # (a mistyped --data is said before a download, not after)
+        for text in args.data:  # (a mistyped --data is said before a download, not after)
+            data_paths(parse_source(text)[0])
         args.checkpoint = str(default_model.fetch())
+    if args.data is None and args.checkpoint is None:  # (not a default: --data appends to those)
+        args.data = [str(DEMO_DATA)]
     values = vars(args)
     lora = LoRASettings(r=values.pop("lora_r"), alpha=values.pop("lora_alpha"),
                         dropout=values.pop("lora_dropout"), targets=values.pop("lora_targets"),
@@ -191,4 +198,6 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)
     data.check_train_on(config.train_on, config.train_on_prompt)
+    sources = [parse_source(text) for text in config.data]  # (said before the model loads)
+    check_weights([weight for _, weight in sources], [path for path, _ in sources])
     return config

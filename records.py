@@ -13,7 +13,9 @@ formats/data_files.py. Every mistake in a file is a UserError of one line that n
 the record (or, in JSON Lines and CSV, the line or row an editor shows).
 """
 import argparse
+import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -30,17 +32,14 @@ FORMAT_KEYS = {"OpenAI messages": ("messages",), "ShareGPT": ("conversations",),
                "Dolly": ("instruction", "response")}  # (and no "output": that is Alpaca)
 KEYS = ("instruction", "input", "output", "history", "system", "messages", "conversations",
         "prompt", "completion", "context", "response")  # every key a record is read by
+# --data PATH:WEIGHT: what follows the last colon, when the user meant it as a number
+WEIGHT = re.compile(r"[-+0-9.eE]*|nan|inf", re.IGNORECASE)
 JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                    float: "a number", bool: "a boolean"}
 
 
 def json_type(value) -> str:
     return JSON_TYPE_NAMES.get(type(value), "null")
-
-
-def data_file(path) -> list[Path]:
-    """The data files `path` names (itself, or a folder's data files); else a UserError."""
-    return data_paths(path)
 
 
 def load_records(path, columns: dict | None = None, say=None) -> list[dict]:
@@ -87,6 +86,34 @@ def columns_flag(text: str) -> str:
     """argparse's type= for --columns: the text, once parse_columns accepts it."""
     try:
         parse_columns(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
+
+
+def parse_source(text: str) -> tuple[str, float | None]:
+    """--data PATH or PATH:WEIGHT → (path, weight or None). A path that exists is read as a path,
+    colons and all; otherwise what follows the last colon is a weight when it looks like a
+    number, and a number in (0, 1] it must be."""
+    path, colon, weight = text.rpartition(":")
+    if Path(text).exists() or not colon or not WEIGHT.fullmatch(weight):
+        return text, None
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # (false for nan)
+        raise UserError(f"--data {text}: the weight after ':' must be a number in (0, 1], the "
+                        f"share of every epoch drawn from {path or 'the file'}; got {weight!r}")
+    if not path:
+        raise UserError(f"--data {text}: no file before the weight")
+    return path, value
+
+
+def data_source(text: str) -> str:
+    """argparse's type= for --data: the text as typed (config.json records it), once parsed."""
+    try:
+        parse_source(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
     return text
