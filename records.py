@@ -121,7 +121,8 @@ def data_source(text: str) -> str:
 
 def rename_columns(items: list, columns: dict, path) -> list:
     """Each record's keys renamed: their key → ours. A key of ours already in the record gives
-    way to the renamed one. A key of theirs in no record is a mistake in --columns."""
+    way to the renamed one, when the record has it. A key of theirs in no record is a mistake in
+    --columns."""
     for ours, theirs in columns.items():
         if not any(isinstance(item, dict) and theirs in item for item in items):
             raise UserError(f"--columns {ours}={theirs}: no record of {path} has the key "
@@ -129,7 +130,7 @@ def rename_columns(items: list, columns: dict, path) -> list:
     renamed = []
     for item in items:
         if isinstance(item, dict):
-            kept = {key: value for key, value in item.items() if key not in columns}
+            kept = {key: value for key, value in item.items() if key not in columns.values()}
             kept.update({ours: item[theirs] for ours, theirs in columns.items() if theirs in item})
             item = kept
         renamed.append(item)
@@ -137,7 +138,7 @@ def rename_columns(items: list, columns: dict, path) -> list:
 
 
 def record_format(record) -> str:
-    """Which of FORMATS a raw record is, by its keys (Alpaca when none other fits)."""
+    """Which of FORMAT_KEYS' formats a raw record is, by its keys (Alpaca when none other fits)."""
     if isinstance(record, dict):
         for name, keys in FORMAT_KEYS.items():
             if all(key in record for key in keys):
@@ -147,7 +148,7 @@ def record_format(record) -> str:
 
 
 def normalize_record(record, where: str = "record") -> dict:
-    """One raw record, in any of FORMATS → the normalised shape."""
+    """One raw record, in any of the formats (FORMAT_KEYS) → the normalised shape."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected an object, got {json_type(record)}")
     kind = record_format(record)

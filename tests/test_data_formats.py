@@ -182,6 +182,9 @@ def test_columns_map_their_keys_to_ours(tmp_path):
     assert columns == {"output": "answer", "instruction": "question"}
     assert load_records(path, columns) == [
         {"system": None, "turns": [{"instruction": "2+2?", "input": "", "output": "4"}]}]
+    kept = write_jsonl(tmp_path / "k.jsonl", [{"question": "a", "answer": "b"},
+                                             {"instruction": "c", "output": "d"}])
+    assert [r["turns"][0]["output"] for r in load_records(kept, columns)] == ["b", "d"]
     with pytest.raises(UserError, match="^--columns output=reply: no record of .*q.csv has the "
                                         "key 'reply'$"):
         load_records(path, {"output": "reply"})
