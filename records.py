@@ -39,7 +39,10 @@ JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a
 
 
 def json_type(value) -> str:
-    return JSON_TYPE_NAMES.get(type(value), "null")
+    """A value's type in JSON's words; a Parquet cell may hold others (bytes, a date)."""
+    if value is None:
+        return "null"
+    return JSON_TYPE_NAMES.get(type(value), f"a {type(value).__name__} value")
 
 
 def load_records(path, columns: dict | None = None, say=None) -> list[dict]:

@@ -147,13 +147,14 @@ def read_parquet(path: Path) -> list:
     """A Parquet file's rows as dicts; nested columns (lists of messages) as lists and dicts; a
     null is absent, as an empty CSV cell is."""
     try:
+        import pyarrow
         import pyarrow.parquet
     except ImportError:
         raise UserError(f"{path}: reading Parquet needs pyarrow, which is not installed: "
                         "pip install pyarrow") from None
     try:
         table = pyarrow.parquet.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+    except (pyarrow.ArrowException, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a Parquet file pyarrow can read ({reason})") from None
     # a table has every column in every row: a null is a value the record does not have

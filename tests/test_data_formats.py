@@ -241,6 +241,13 @@ def test_bad_files_are_one_line_errors(tmp_path, name, text, message):
     assert "\n" not in str(error.value)
 
 
+def test_parquet_cells_of_other_types_are_named(tmp_path):
+    path = write_parquet(tmp_path / "b.parquet", [{"instruction": "a", "output": b"bytes"}])
+    with pytest.raises(UserError, match=r"b\.parquet: record 1: 'output' must be a string, got "
+                                        "a bytes value$"):
+        load_records(path)
+
+
 def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     path = write_parquet(tmp_path / "a.parquet", [{"instruction": "a", "output": "b"}])
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet fails
