@@ -44,7 +44,7 @@ import sys
 from dataclasses import dataclass
 
 from batching import batch_efficiency, make_batches
-from chat_template import ChatTemplate, tokenize_chat
+from chat_template import ChatTemplate, default_system_prompt, tokenize_chat
 from errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
 from model import IGNORE_INDEX
 from records import columns_flag, load_records, normalize_record, parse_columns
@@ -107,9 +107,7 @@ def truncate_and_mask(ids: list[int], is_answer: list[bool], max_seq_len: int,
 
 def last_answer(is_answer: list[bool]) -> list[bool]:
     """The flags of the last run of True only: the conversation's last answer and its end token."""
-    end = len(is_answer)
-    while end > 0 and not is_answer[end - 1]:
-        end -= 1
+    end = max((t + 1 for t, answer in enumerate(is_answer) if answer), default=0)
     start = end
     while start > 0 and is_answer[start - 1]:
         start -= 1
@@ -185,21 +183,6 @@ TEMPLATES = {template.name: template for template in [
     Template("none", prompt="{system}{instruction}", empty_system_block=False),
 ]}
 SPECIAL_TOKEN = re.compile(r"(<\|[a-z0-9_]+\|>)")
-# The default system prompt inside a ChatML chat_template: the literal text of its system block,
-# e.g. SmolLM2's '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>'.
-# The newline is a real one or jinja's "\n"; the text holds no quotes or braces (not an expression).
-CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
-
-
-def default_system_prompt(tokenizer: Tokenizer) -> str | None:
-    """The system prompt the model's own chat template writes when a conversation has none."""
-    chat_template = getattr(tokenizer, "chat_template", None) or ""
-    match = CHATML_DEFAULT_SYSTEM.search(chat_template)
-    if match is None:
-        return None
-    return match.group(1).replace("\\n", "\n")
-
-
 def get_template(name: str) -> "Template | ChatTemplate":
     """A named template, or a jinja template's source (what a run's config.json records)."""
     if name in TEMPLATES:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import ROOT, shared_path
 import data
 from batching import batch_efficiency, make_batches
-from data import (PROMPT_DICT, TEMPLATES, default_system_prompt, encode_dataset, encode_example,
-                  encode_prompt, format_example, get_template, main, percentile)
+from chat_template import default_system_prompt
+from data import (PROMPT_DICT, TEMPLATES, encode_dataset, encode_example, encode_prompt,
+                  format_example, get_template, main, percentile)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from records import load_records, split_train_val
