@@ -112,9 +112,12 @@ class StepBatches:
     of the run is the one at its place in that sequence of epochs: the same step always gets the
     same data, so a run resumed at step k continues exactly where it stopped. examples_of is
     sources.Mix.epoch: the same examples every epoch, or (mixed with weights) each epoch's own
-    sample, whose packed rows may then number a few more or fewer than epoch 0's."""
+    sample, whose packed rows may then number a few more or fewer than epoch 0's. The run lasts
+    `max_steps` optimizer steps, or (None) as many as `epochs` passes over the data take (counted
+    in epoch 0's micro-batches)."""
 
-    def __init__(self, examples_of, batch_size: int, per_step: int, **options):
+    def __init__(self, examples_of, batch_size: int, per_step: int, epochs: float = 1.0,
+                 max_steps: int | None = None, **options):
         self.examples_of = examples_of
         self.batch_size = batch_size
         self.per_step = per_step
@@ -126,6 +129,7 @@ class StepBatches:
         # the widest batch: every epoch has the longest example, so the same width (a weighted
         # mix may leave it out of epoch 0: then an estimate)
         self.longest = max(batch["tokens"].shape[1] for batch in self.batches)
+        self.total_steps = max_steps or max(1, math.ceil(epochs * self.per_epoch / per_step))
 
     def for_step(self, step: int) -> list[dict]:
         first = step * self.per_step

@@ -76,7 +76,7 @@ class Mix:
 
 
 @dataclass
-class TrainingData:
+class LoadedData:
     """What load_sources read: the mix, the validation records and examples, what config.json
     says of each source, and the encoding's counts (records, kept, truncated, dropped)."""
     mix: Mix
@@ -87,7 +87,7 @@ class TrainingData:
     stats: dict
 
 
-def load_sources(config, tokenizer, template, say) -> TrainingData:
+def load_sources(config, tokenizer, template, say) -> LoadedData:
     """Read, split and encode every --data source (and --val-data) of a run's config."""
     columns = parse_columns(config.columns) if config.columns else None
     encode = dict(tokenizer=tokenizer, template=template, max_seq_len=config.seq_len,
@@ -121,5 +121,5 @@ def load_sources(config, tokenizer, template, say) -> TrainingData:
     if val_records:
         val_examples, _ = data.encode_dataset(val_records, source=config.val_data or "--data",
                                               **encode)
-    return TrainingData(Mix(sources, counts, config.seed), train_records, val_records,
+    return LoadedData(Mix(sources, counts, config.seed), train_records, val_records,
                         val_examples, described, stats)
