@@ -390,15 +390,15 @@ def main(argv=None):
                             epilog=__doc__.split("\n\n")[2])
     add = parser.add_argument
     add("--data", help="records (Alpaca, ShareGPT, Dolly, prompt/completion or chat messages): "
-        "JSON, JSON Lines, CSV, TSV, Parquet, or a folder of them")
+        "JSON, JSON Lines, CSV, TSV, Parquet, or a folder of them (this or --stats)")
     add("--stats", metavar="FILE", help="only the statistics of FILE (records, turns, token "
         "lengths, truncation, trained tokens), instead of --data")
     add("--columns", type=columns_flag,
         help="their keys as ours, e.g. output=answer,instruction=question (default: none)")
     add("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one "
         "(default: the one next to --checkpoint)")
-    add("--checkpoint", help="a model whose tokenizer to use (--tokenizer wins); 'tiny': the "
-        "demo's byte tokenizer")
+    add("--checkpoint", help="a model whose tokenizer to use (this or --tokenizer, which wins); "
+        "'tiny': the demo's byte tokenizer")
     add("--template", default="auto", choices=["auto", *TEMPLATES],
         help="prompt format; auto: the tokenizer's own chat template, else alpaca")
     add("--seq-len", type=positive_int, default=512, help="longer examples are truncated")
