@@ -334,7 +334,7 @@ def test_stats_counts_records_turns_lengths_truncation_and_trained_tokens(tmp_pa
     main(["--stats", str(path), "--tokenizer", tokenizer, "--template", "llama2-chat",
           "--seq-len", "512", "--train-on", "last"])
     captured = capsys.readouterr()
-    assert captured.err.splitlines()[0] == f"read 50 records as Alpaca from {path}"
+    assert captured.err.splitlines()[-1] == f"read 50 records as Alpaca from {path}"
     lines = captured.out.splitlines()
     assert len(lines) == 3 and "example" not in captured.out and "padding" not in captured.out
     full = [tokenize_conversation(r, llama2, TEMPLATES["llama2-chat"]) for r in records]
