@@ -419,8 +419,11 @@ def main(argv=None):
     path = args.data or args.stats
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731  (stdout: what the data becomes)
     columns = parse_columns(args.columns) if args.columns else None
+    read = []  # (said after the template: a mistake in the data is the only line)
+    records = load_records(path, columns, say=read.append)
     template = resolve_template(args.template, tokenizer, say=say)
-    records = load_records(path, columns, say=say)
+    for line in read:
+        say(line)
     examples, stats = encode_dataset(records, tokenizer, template, args.seq_len,
                                      args.train_on_prompt, source=path, train_on=args.train_on)
     color = sys.stdout.isatty()
