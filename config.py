@@ -62,7 +62,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 200
     save_every: int = 200
-    sample_prompt: str | None = None
+    sample_prompt: list[str] | None = None  # None: run/samples.py's default_prompts
+    sample_tokens: int = 48        # the longest sample answer; 0: no samples
     seed: int = 42
     precision: str | None = None   # None: model.default_precision
     grad_ckpt: bool = False
@@ -150,11 +151,16 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--grad-clip", type=non_negative_float, default=d.grad_clip,
       help="clip the global gradient norm to this (0 = off)")
     a("--eval-every", type=positive_int, default=d.eval_every,
-      help="validation loss + a sample every N steps")
+      help="held-out loss, sample answers and report.html every N steps")
     a("--save-every", type=positive_int, default=d.save_every,
       help="checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)")
-    a("--sample-prompt", help="instruction answered at each evaluation (default: the first "
-      "validation record)")
+    a("--sample-prompt", action="append", help="an instruction the model answers before the first "
+      "step, at each evaluation and at the end (samples.jsonl, report.html); give it several "
+      "times for several (default: the first 3 held-out records, else training records; the "
+      "demo answers training records, all its tiny model can learn)")
+    a("--sample-tokens", type=non_negative_int, default=d.sample_tokens,
+      help="the most tokens a sample answer may take; one that reaches it did not stop by itself "
+      "(0: no sample answers)")
     a("--seed", type=seed, default=d.seed,
       help="seed for adapter init, data order and dropout, in [0, 2**63)")
     a("--precision", choices=list(PRECISIONS),

@@ -28,7 +28,6 @@ from batching import StepBatches, batch_efficiency, make_batches
 from formats.checkpoint import load_checkpoint, save_checkpoint
 from config import DEMO_CONFIG, TrainConfig, parse_args
 from errors import UserError, run_cli
-from generate import generate
 from formats.adapter import save_adapter
 from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
@@ -36,6 +35,7 @@ from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from run.processes import ONE_PROCESS, start_processes
 from run.run_dir import load_state, prepare_out, record_effective, undo_start
 from run.run_metrics import Log, drop_metrics_after, plot_losses
+from run.samples import Samples, make_samples
 from run.stop import STOP
 from run.training_run import TrainingRun
 from sources import load_sources
@@ -102,8 +102,8 @@ NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)
 def train(model, optimizer, scaler, train_data, config, run, step):
     """The loop: one optimizer step per iteration; a checkpoint and an evaluation every so often."""
     total = train_data.batches.total_steps
-    if train_data.validation and step == 0:  # where training starts from, for comparison
-        run.evaluation(0, *train_data.validation.run(model, config))
+    if step == 0:  # where training starts from, for comparison
+        run.evaluation(0, model, train_data, config)
     run.start(total, step)
     model.train()
     STOP.at_step_end = True
@@ -130,8 +130,8 @@ def train(model, optimizer, scaler, train_data, config, run, step):
                       "peak_mem_gib": peak_gib(config)})
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
                 run.save(model, optimizer, scaler, step)
-            if train_data.validation and (step % config.eval_every == 0 or step == total):
-                run.evaluation(step, *train_data.validation.run(model, config))
+            if step % config.eval_every == 0 or step == total:
+                run.evaluation(step, model, train_data, config)
             if STOP.requested_by_any(run.processes):  # a signal came during this step, now whole
                 raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run/stop.py): save, say how to go on
@@ -284,10 +284,11 @@ def resolve_template(config: TrainConfig, tokenizer, log) -> TrainConfig:
 
 @dataclass
 class TrainingData:
-    """What the loop reads: the micro-batches of every step, and what each evaluation looks at
-    (None without validation data)."""
+    """What the loop reads: the micro-batches of every step, and what each evaluation looks at:
+    the held-out batches (None without validation data), the sample prompts (run/samples.py)."""
     batches: StepBatches
     validation: "Validation | None"
+    samples: Samples
     sources: list[dict]  # what each --data gave (config.json: "data_sources")
 
 
@@ -319,43 +320,22 @@ def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, 
         log.say(f"note: --warmup-steps {config.warmup_steps} is not shorter than the run "
                 f"({batches.total_steps} steps); warming up for {warmup} steps (10%) instead")
         config = replace(config, warmup_steps=warmup)
+    samples = make_samples(config, loaded.train_records, loaded.val_records, tokenizer, template,
+                           log)
     if not loaded.val_examples:
-        return config, TrainingData(batches, None, loaded.described)
-    # The prompt answered at each evaluation: a held-out one, except in the demo, whose tiny model
-    # can only memorise, so there it answers a training prompt.
-    prompt = config.sample_prompt
-    if prompt is None:
-        prompt = loaded.train_records[0] if config.checkpoint is None else loaded.val_records[0]
-    prompt_ids = sample_prompt_ids(prompt, tokenizer, template, config.seq_len, log)
+        return config, TrainingData(batches, None, samples, loaded.described)
     val_batches = make_batches(loaded.val_examples, config.batch_size, shuffle=False, **options)
-    validation = Validation(val_batches, tokenizer, prompt_ids)
-    return config, TrainingData(batches, validation, loaded.described)
-
-
-def sample_prompt_ids(prompt, tokenizer, template, seq_len: int, log) -> list[int]:
-    """The ids of the prompt answered at each evaluation, cut as a training example is cut: its
-    end off, so that it and the first answer token fit in --seq-len."""
-    ids = data.encode_prompt(prompt, tokenizer, template)
-    if len(ids) >= seq_len:
-        log.say(f"note: the sample prompt has {len(ids)} tokens; answering its first {seq_len - 1} "
-                f"(--seq-len {seq_len}, less the first answer token), as training examples are cut")
-        ids = ids[:seq_len - 1]
-    return ids
+    return config, TrainingData(batches, Validation(val_batches), samples, loaded.described)
 
 
 @dataclass
 class Validation:
-    """What each evaluation looks at: the held-out batches, and one prompt answered greedily."""
+    """What each evaluation measures: the loss on the held-out batches."""
     batches: list
-    tokenizer: object
-    prompt_ids: list[int]
 
-    def run(self, model, config) -> tuple[float, str]:
-        """(mean held-out loss per target token, the model's answer to the prompt)."""
-        loss = evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
-        answer = generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=48,
-                          temperature=0.0)
-        return loss, self.tokenizer.decode(list(answer))
+    def run(self, model, config) -> float:
+        """The mean held-out loss per target token."""
+        return evaluate(model, self.batches, config.device, config.precision, config.loss_chunk)
 
 
 # -- Finishing: what the user came for ------------------------------------------------------------

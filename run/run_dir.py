@@ -3,6 +3,11 @@
     out/config.json      the settings, where the inputs are and what they hold: --resume checks them
     out/checkpoint.pt    trainable weights, AdamW state, step, RNG states, in one atomic file
     out/metrics.jsonl    one row per step and per evaluation (run/run_metrics.py)
+    out/samples.jsonl    the sample prompts' answers, before the first step and at each
+                         evaluation; out/token_losses.jsonl, one record's loss token by token
+                         (run/samples.py)
+    out/report.html      what the run did, on one page, rewritten at each evaluation
+                         (run/report.py); out/report.md, the same tables
     out/loss.png         the curves, drawn at the end (if matplotlib is installed)
     out/.lock            locked while a run uses the directory, so that two runs never share it
 
@@ -37,6 +42,9 @@ from run.resume import INPUTS, check_resume, damaged, describe_inputs, going_on_
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
 CONFIG, CHECKPOINT, METRICS, LOCK = "config.json", "checkpoint.pt", "metrics.jsonl", ".lock"
+SAMPLES, TOKEN_LOSSES = "samples.jsonl", "token_losses.jsonl"
+LOGS = (METRICS, SAMPLES, TOKEN_LOSSES)  # rows by step: --resume cuts them back to its step
+REPORTS = ("loss.png", "report.html", "report.md")  # drawn from the logs
 RESULTS = ("adapter", "peft", "model", "hf")  # what a finished run writes (train_sft.finish)
 # atomic_write's temporary files: "." + final name + "." + mkstemp's 8 random characters + ".tmp"
 TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
@@ -237,10 +245,10 @@ def remove_temp_files(out: Path):
 
 
 def start_over(out: Path, write: bool):
-    """A run that stopped before its first checkpoint: its rows in metrics.jsonl are of no use."""
+    """A run that stopped before its first checkpoint: its logged rows are of no use."""
     if write:
-        (out / METRICS).unlink(missing_ok=True)
-        (out / "loss.png").unlink(missing_ok=True)
+        for name in LOGS + REPORTS:
+            (out / name).unlink(missing_ok=True)
 
 
 def prepare_out(args, write=True) -> Path:

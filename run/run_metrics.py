@@ -9,11 +9,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from formats.files import atomic_write
-from run.run_dir import METRICS, writing
+from run.run_dir import LOGS, METRICS, writing
 
 
-def log_metrics(out: Path, row: dict):
-    with writing(out / METRICS), open(out / METRICS, "a") as f:
+def log_metrics(out: Path, row: dict, name: str = METRICS):
+    """Append one row to out/metrics.jsonl (or another of the run's LOGS)."""
+    with writing(out / name), open(out / name, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -34,29 +35,32 @@ def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     return rows, unreadable
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int)
+
+
 def _is_metrics_row(row) -> bool:
     """A row as Log writes it: a step, and numbers for what plot_losses draws."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
     return (isinstance(row, dict) and type(row.get("step")) is int
-            and all(number(row[key]) for key in ("loss", "val_loss") if key in row))
+            and all(is_number(row[key]) for key in ("loss", "val_loss") if key in row))
 
 
 def drop_metrics_after(out: Path, step: int):
-    """On resume, the steps logged after the checkpoint are done again: drop their rows, or they
-    would appear twice. Unreadable lines are dropped too, with a note."""
-    path = out / METRICS
-    if not path.exists():
-        return
-    rows, unreadable = read_metrics(path)
-    if unreadable:
-        lines = "line" if len(unreadable) == 1 else "lines"
-        print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
-              f"({lines} {', '.join(map(str, unreadable))}): not rows of metrics (a run killed "
-              "while writing leaves a torn last line)")
-    kept = "".join(line for line, row in rows if row["step"] <= step)
-    with writing(path):
-        atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
+    """On resume, the steps logged after the checkpoint are done again: drop their rows (in
+    metrics.jsonl, samples.jsonl, token_losses.jsonl), or they would appear twice. Unreadable
+    lines are dropped too, with a note."""
+    for path in (out / name for name in LOGS):
+        if not path.exists():
+            continue
+        rows, unreadable = read_metrics(path)
+        if unreadable:
+            lines = "line" if len(unreadable) == 1 else "lines"
+            print(f"note: {path}: skipped {len(unreadable)} unreadable {lines} "
+                  f"({lines} {', '.join(map(str, unreadable))}): not rows of {path.name} (a run "
+                  "killed while writing leaves a torn last line)")
+        kept = "".join(line for line, row in rows if row["step"] <= step)
+        with writing(path):
+            atomic_write(path, lambda tmp: Path(tmp).write_text(kept))
 
 
 def plot_losses(out: Path):
@@ -116,12 +120,17 @@ class Log:
         elif row["step"] % self.every == 0 or row["step"] == self.total:
             self.say(f"step {row['step']}/{self.total}: {text}")
 
-    def evaluation(self, step: int, val_loss: float, sample: str, out: Path):
+    def evaluation(self, step: int, val_loss: float, out: Path):
         if self.speaks:
             perplexity = math.exp(min(val_loss, 50))  # e^loss: as unsure as a choice among so many
             log_metrics(out, {"step": step, "val_loss": val_loss, "val_ppl": perplexity})
-            text = f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})"
-            self.write(f"{text}\n  sample: {sample!r}")
+            self.write(f"step {step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})")
+
+    def samples(self, rows: list[dict]):
+        """The newest answers to the sample prompts (samples.jsonl has them all)."""
+        for row in rows:
+            prompt = row["prompt"] if len(row["prompt"]) <= 40 else row["prompt"][:39] + "…"
+            self.write(f"  sample: {prompt!r} → {row['answer']!r}")
 
     def write(self, text: str):
         if self.bar is not None:

@@ -1,7 +1,7 @@
 """A training run as the loop sees it: its directory, its log and its processes, in one object.
 
     run.step(row)               a row of metrics.jsonl, and the progress bar or a log line
-    run.evaluation(step, ...)   the held-out loss and the sample answer
+    run.evaluation(step, ...)   the held-out loss, the sample answers, the report
     run.save(...)               checkpoint.pt (run/run_dir.py: save_state), atomically
     run.processes               one process, or torchrun's (run/processes.py)
 
@@ -29,8 +29,15 @@ class TrainingRun:
     def step(self, row: dict):
         self.log.step(row, self.out)
 
-    def evaluation(self, step: int, val_loss: float, sample: str):
-        self.log.evaluation(step, val_loss, sample, self.out)
+    def evaluation(self, step: int, model, train_data, config) -> float | None:
+        """The held-out loss (None without held-out data), the sample prompts' answers, and the
+        report drawn again (run/samples.py)."""
+        val_loss = None
+        if train_data.validation:
+            val_loss = train_data.validation.run(model, config)
+            self.log.evaluation(step, val_loss, self.out)
+        train_data.samples.record(model, step, self.out, self.log)
+        return val_loss
 
     def save(self, model, optimizer, scaler, step: int):
         save_state(self.out, model, optimizer, scaler, step, self.processes)

@@ -17,6 +17,7 @@ import data
 from formats import default_model
 import train_sft
 from formats.checkpoint import load_checkpoint
+from run import samples
 from config import DEMO, DEMO_CONFIG, DEMO_DATA, TrainConfig
 from conftest import ROOT
 from errors import UserError
@@ -50,7 +51,7 @@ def test_a_long_sample_prompt_is_cut_like_a_training_example(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert ("note: the sample prompt has 337 tokens; answering its first 63 (--seq-len 64, less "
             "the first answer token), as training examples are cut") in printed
-    assert printed.count("  sample: ") == 2  # at step 0 and at the last step
+    assert printed.count("  sample: ") == 2 * 3  # 3 prompts, at step 0 and at the last step
     evaluations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                    if "val_loss" in line]
     assert [row["step"] for row in evaluations] == [0, 1]
@@ -64,11 +65,11 @@ def test_the_sample_prompt_ids_are_the_first_of_the_prompt(tmp_path):
         def say(self, text):
             pass
     prompt = data.encode_prompt(LONG_RECORD, tok, template)
-    assert train_sft.sample_prompt_ids(LONG_RECORD, tok, template, 64, Quiet()) == prompt[:63]
+    assert samples.prompt_ids(LONG_RECORD, tok, template, 64, Quiet()) == prompt[:63]
     # one that fits is left whole, even when it and a single answer token fill --seq-len exactly
     short = DEMO_RECORDS[0]
     whole = data.encode_prompt(short, tok, template)
-    assert train_sft.sample_prompt_ids(short, tok, template, len(whole) + 1, Quiet()) == whole
+    assert samples.prompt_ids(short, tok, template, len(whole) + 1, Quiet()) == whole
 
 
 # ---------------------------------------------------------------- which model
@@ -118,7 +119,7 @@ def test_one_real_step_of_the_users_command(smollm2_path, tmp_path, capsys):
     out = tmp_path / "out"
     train_sft.main(["--data", str(DEMO_DATA), "--out", str(out), "--max-steps", "1",
                     "--seq-len", "64", "--batch-size", "1", "--grad-accum", "1",
-                    "--val-split", "0"])
+                    "--val-split", "0", "--sample-tokens", "2"])
     printed = capsys.readouterr().out
     assert (f"model: SmolLM2-135M-Instruct, the default without --checkpoint ({smollm2_path}, "
             "98 MB); --checkpoint PATH trains another model") in printed

@@ -45,12 +45,14 @@ def assert_same_tensors(a: dict, b: dict, tol: float):
 def lora_args(*extra):
     return ["--checkpoint", shared_path("models", "stories260K"),
             "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
-            "--val-split", 0, "--seq-len", 128, "--batch-size", 2, "--save-every", 2, *extra]
+            "--val-split", 0, "--seq-len", 128, "--batch-size", 2, "--save-every", 2,
+            "--sample-tokens", 2, *extra]
 
 
 def test_two_ranks_train_what_one_process_trains(tmp_path):
     """LoRA on the real stories260K, and full fine-tuning of the demo model."""
-    full_args = ["--val-split", 0, "--batch-size", 4, "--max-steps", 4, "--save-every", 2]
+    full_args = ["--val-split", 0, "--batch-size", 4, "--max-steps", 4, "--save-every", 2,
+                 "--sample-tokens", 2]
     for name, args in (("lora", lora_args("--max-steps", 4, "--lora-dropout", 0)),
                        ("full", full_args)):
         one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"

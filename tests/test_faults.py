@@ -30,7 +30,7 @@ def train_argv(data: Path, out: Path) -> list[str]:
     """The demo model at a small size, saving after every step: 8 steps of 2 examples."""
     flags = ["--checkpoint", "tiny", "--data", data, "--out", out, "--template", "none",
              "--seq-len", 64, "--batch-size", 2, "--val-split", 0, "--warmup-steps", 2,
-             "--max-steps", 8, "--save-every", 1, "--eval-every", 100]
+             "--max-steps", 8, "--save-every", 1, "--eval-every", 100, "--sample-tokens", 2]
     return [sys.executable, "train_sft.py", *map(str, flags)]
 
 

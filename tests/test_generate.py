@@ -270,7 +270,7 @@ def runs(tmp_path_factory):
     """Three real training runs: full fine-tuning of the demo, LoRA on stories260K, LoRA on the
     demo model (one step each)."""
     root = tmp_path_factory.mktemp("runs")
-    small = ["--max-steps", 1, "--val-split", 0, "--batch-size", 2]
+    small = ["--max-steps", 1, "--val-split", 0, "--batch-size", 2, "--sample-tokens", 2]
     demo = ["--template", "none", "--seq-len", 64, *small]
     _train("--out", root / "full", *demo)
     stories = shared_path("models", "stories260K")

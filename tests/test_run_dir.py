@@ -55,7 +55,8 @@ def demo_argv(train, out, *extra) -> list[str]:
     """The demo model, small: 4 micro-batches of 2 an epoch, 2 steps, saved only at the end."""
     argv = ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
             "--seq-len", 64, "--batch-size", 2, "--grad-accum", 1, "--val-split", 0,
-            "--warmup-steps", 1, "--max-steps", 2, "--save-every", 100, *extra]
+            "--warmup-steps", 1, "--max-steps", 2, "--save-every", 100, "--sample-tokens", 2,
+            *extra]  # (short sample answers: a fast test)
     return [str(a) for a in argv]
 
 
@@ -120,7 +121,7 @@ def model_dir(tmp_path) -> Path:
 def stories_argv(model, out, *extra) -> list[str]:
     data = shared_path("data", "litgpt_fixture_alpaca.json")
     argv = ["--checkpoint", model, "--data", data, "--out", out, "--seq-len", 128,
-            "--batch-size", 2, "--val-split", 0, "--max-steps", 1, *extra]
+            "--batch-size", 2, "--val-split", 0, "--max-steps", 1, "--sample-tokens", 2, *extra]
     return [str(a) for a in argv]
 
 
@@ -196,7 +197,8 @@ def test_a_directory_with_only_our_leftovers_counts_as_empty(train, tmp_path):
     (out / ".config.json.abcd1234.tmp").write_text("{")
     train_sft.main(demo_argv(train, out))
     assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl",
-                                       "model"]
+                                       "model", "report.html", "report.md", "samples.jsonl",
+                                       "token_losses.jsonl"]
 
 
 # ---------------------------------------------------------------- 2. no dead ends

@@ -64,7 +64,7 @@ def lora_argv(train, out, *extra) -> list[str]:
     argv = ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
             "--seq-len", 64, "--batch-size", 2,
             "--val-split", 0, "--warmup-steps", 1, "--max-steps", 4, "--save-every", 100,
-            "--method", "lora", *extra]
+            "--method", "lora", "--sample-tokens", 2, *extra]  # (short answers: a fast test)
     return [str(a) for a in argv]
 
 
@@ -239,8 +239,8 @@ def test_a_diverged_run_goes_on_with_a_lower_lr(diverged, capsys):
     notes = [line for line in stdout.splitlines() if line.startswith("note: --resume")]
     assert notes == ["note: --resume from step 2 with --lr 0.002 → 0.0001, --warmup-steps 1 → 0, "
                      "--grad-clip 1.0 → 0.5, --max-steps 4 → 5, --eval-every 50 → 2, "
-                     "--sample-prompt None → Hi (the learning rate's cosine now ends at the new "
-                     "length): from here the run is not bit for bit the one it would have been "
+                     "--sample-prompt None → ['Hi'] (the learning rate's cosine now ends at the "
+                     "new length): from here the run is not bit for bit the one it would have been "
                      "uninterrupted; config.json keeps the history"]
     assert metrics_steps(out) == [1, 2, 3, 4, 5]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -251,13 +251,13 @@ def test_a_diverged_run_goes_on_with_a_lower_lr(diverged, capsys):
     assert config["lr"] == 1e-4 and config["max_steps"] == 5
     assert config["history"] == [{"step": 2, "lr": [0.002, 1e-4], "warmup_steps": [1, 0],
                                   "grad_clip": [1.0, 0.5], "max_steps": [4, 5],
-                                  "eval_every": [50, 2], "sample_prompt": [None, "Hi"]}]
+                                  "eval_every": [50, 2], "sample_prompt": [None, ["Hi"]]}]
     # going on again keeps the history; the new settings are now the run's
     code, stdout, err = cli(argv + lower[:6] + ["--max-steps", "6", "--resume"], capsys)
     assert code == 0, err
     history = json.loads((out / "config.json").read_text())["history"]
     assert history[1:] == [{"step": 5, "max_steps": [5, 6], "eval_every": [2, 50],
-                            "sample_prompt": ["Hi", None]}]
+                            "sample_prompt": [["Hi"], None]}]
 
 
 @pytest.mark.parametrize("changed, named", [
@@ -377,7 +377,7 @@ def test_bad_metrics_rows_are_skipped_with_a_note(saved_run, capsys):
     code, stdout, err = cli(argv, capsys)
     assert code == 0, err
     assert (f"note: {out / 'metrics.jsonl'}: skipped 3 unreadable lines (lines 3, 4, 5): not rows "
-            "of metrics (a run killed while writing leaves a torn last line)") in stdout
+            "of metrics.jsonl (a run killed while writing leaves a torn last line)") in stdout
     assert metrics_steps(out) == [1, 2, 3, 4]  # ({"step": 3} was a row, after the checkpoint)
 
 
@@ -420,7 +420,8 @@ def test_a_full_disk_while_appending_metrics_is_one_line_and_loses_nothing(train
             return self.f.write(text)
     with monkeypatch.context() as m:
         m.setattr(run_metrics, "open", lambda path, mode="r": HalfWritten(real_open(path, mode))
-                  if mode == "a" else real_open(path, mode), raising=False)  # (metrics.jsonl's)
+                  if mode == "a" and path.name == "metrics.jsonl" else real_open(path, mode),
+                  raising=False)
         code, _, err = cli(argv, capsys)
     assert_one_line_error(code, err, f"cannot write {out / 'metrics.jsonl'}: no space left on "
                           "device; the run stopped, and what it wrote before is kept")

@@ -91,7 +91,7 @@ def demo_argv(train, out, *extra):
     epoch."""
     return ["--checkpoint", "tiny", "--data", train, "--out", out, "--template", "none",
             "--seq-len", 64, "--batch-size", 2, "--grad-accum", 2, "--val-split", 0,
-            "--warmup-steps", 2, "--save-every", 100, *extra]
+            "--warmup-steps", 2, "--save-every", 100, "--sample-tokens", 2, *extra]
 
 
 def stories_argv(out, *extra):
@@ -100,7 +100,7 @@ def stories_argv(out, *extra):
     return ["--checkpoint", shared_path("models", "stories260K"),
             "--data", shared_path("data", "litgpt_fixture_alpaca.json"),
             "--out", out, "--seq-len", 128, "--batch-size", 2, "--grad-accum", 2, "--val-split", 0,
-            "--lr", 1e-2, "--warmup-steps", 2, *extra]
+            "--lr", 1e-2, "--warmup-steps", 2, "--sample-tokens", 2, *extra]
 
 
 # ---------------------------------------------------------------- 1. the demo model overfits
@@ -338,7 +338,8 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch,
     assert saved_state(out)["step"] == 2
     # no temp file
     assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json",
-                                                     "metrics.jsonl"]
+                                                     "metrics.jsonl", "report.html", "report.md",
+                                                     "samples.jsonl", "token_losses.jsonl"]
     run(argv + ["--resume"])  # and the run goes on from step 2
     assert saved_state(out)["step"] == 6
 
