@@ -69,22 +69,8 @@ TINY = 1e-30
 def check_fp8(method: str, precision: str, device: str, dora: bool = False, merge: bool = False,
               allow_cpu: bool = False):
     """Refuse --fp8 where it cannot run, in one line: a device without FP8 tensor cores, QLoRA,
-    another precision than bf16, DoRA, --merge. `allow_cpu`: the tests (torch emulates the FP8
+    another precision than bf16, DoRA, LoRA's --merge. `allow_cpu`: the tests (torch emulates the FP8
     products on a CPU, slowly: correct, but no speed to gain)."""
-    if method == "qlora":
-        raise UserError("--fp8 is for --method lora or full: QLoRA's frozen base is NF4, 4 bits a "
-                        "weight (less memory than FP8's 8), and its products dequantise to bf16; "
-                        "--method lora --fp8 stores the base in FP8 and multiplies in FP8")
-    if precision != "bf16":
-        raise UserError(f"--fp8 needs --precision bf16 (got {precision}): everything around the "
-                        "FP8 products (adapters, norms, attention, the loss) runs in bf16")
-    if dora:
-        raise UserError("--fp8 does not combine with --dora: DoRA's forward multiplies by the "
-                        "whole 16-bit weight (to take its row norms), not by the FP8 one")
-    if merge:
-        raise UserError("--fp8 with --merge would merge the adapter into the FP8-rounded base; "
-                        "merge it into the original weights instead: python export.py OUT --gguf "
-                        "FILE, or load OUT/peft on the base model with PEFT")
     if device.startswith("cuda"):
         capability = torch.cuda.get_device_capability(device)
         if capability < FP8_CAPABILITY:
@@ -95,6 +81,20 @@ def check_fp8(method: str, precision: str, device: str, dora: bool = False, merg
     elif not (allow_cpu and device == "cpu"):
         raise UserError(f"--fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or "
                         f"higher); --device {device} has none")
+    if method == "qlora":
+        raise UserError("--fp8 is for --method lora or full: QLoRA's frozen base is NF4, 4 bits a "
+                        "weight (less memory than FP8's 8), and its products dequantise to bf16; "
+                        "--method lora --fp8 stores the base in FP8 and multiplies in FP8")
+    if precision != "bf16":
+        raise UserError(f"--fp8 needs --precision bf16 (got {precision}): everything around the "
+                        "FP8 products (adapters, norms, attention, the loss) runs in bf16")
+    if dora:
+        raise UserError("--fp8 does not combine with --dora: DoRA's forward multiplies by the "
+                        "whole 16-bit weight (to take its row norms), not by the FP8 one")
+    if merge and method == "lora":  # (full fine-tuning's weights are its own, never FP8)
+        raise UserError("--fp8 with --merge would merge the adapter into the FP8-rounded base; "
+                        "merge it into the original weights instead: python export.py OUT --gguf "
+                        "FILE, or load OUT/peft on the base model with PEFT")
 
 
 # ---------------------------------------------------------------- the arithmetic

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 import lora
-import train_sft
-from config import TrainConfig
+from config import parse_args
 from errors import UserError
 from model import ModelConfig, Transformer
 from speed import fp8
@@ -213,6 +212,13 @@ def test_refusals():
         "--fp8 needs --precision bf16 (got fp32)")
     assert refusal(dora=True, allow_cpu=True).startswith("--fp8 does not combine with --dora")
     assert refusal(merge=True, allow_cpu=True).startswith("--fp8 with --merge would merge")
+    check_fp8("full", "bf16", "cpu", merge=True, allow_cpu=True)  # its own weights: merged as ever
+
+
+def test_train_sft_refuses_fp8_on_a_cpu_in_one_line():
+    with pytest.raises(UserError) as info:
+        parse_args(["--fp8", "--device", "cpu"])
+    assert str(info.value).startswith("--fp8 needs a CUDA GPU with FP8 tensor cores")
 
 
 def test_refused_on_a_gpu_without_fp8(monkeypatch):
