@@ -21,11 +21,13 @@ import math
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 
 from bench.bench import build
-from errors import ArgumentParser, default_device, device_name, positive_int, run_cli
+from errors import (ArgumentParser, UserError, default_device, device_name, positive_int,
+                    run_cli)
 from lora import apply_lora
 from model import ModelConfig
 from speed.fp8 import Float8Linear, FrozenFloat8Linear, check_fp8, use_fp8
@@ -189,19 +191,27 @@ def main(argv=None):
                    help="which parts to run, of numerics, speed, training")
     a = p.parse_args(argv)
     check_fp8("lora", "bf16", a.device, allow_cpu=a.tiny)  # a GPU without FP8: one line, here
-    parts = a.parts.split(",")
     if a.device.startswith("cuda"):
         say(check="device", gpu=torch.cuda.get_device_name(a.device), torch=torch.__version__,
             capability=list(torch.cuda.get_device_capability(a.device)))
-    if "numerics" in parts:
-        numerics(SHAPES_TINY if a.tiny else SHAPES_8B, 64 if a.tiny else 4096, a.device)
-    if "speed" in parts:
-        rows = SPEED_ROWS + (FULL_SPEED_ROWS if a.full_speed else [])
-        speed(TINY_SPEED_ROWS if a.tiny else rows, a.tiny, a.device)
-    if "training" in parts:
-        steps = min(a.steps, 4) if a.tiny else a.steps
-        training(TINY if a.tiny else SMOLLM2, steps, 2 if a.tiny else 8, 32 if a.tiny else 256,
-                 a.device)
+    rows = SPEED_ROWS + (FULL_SPEED_ROWS if a.full_speed else [])
+    steps = min(a.steps, 4) if a.tiny else a.steps
+    parts = {
+        "numerics": lambda: numerics(SHAPES_TINY if a.tiny else SHAPES_8B,
+                                     64 if a.tiny else 4096, a.device),
+        "speed": lambda: speed(TINY_SPEED_ROWS if a.tiny else rows, a.tiny, a.device),
+        "training": lambda: training(TINY if a.tiny else SMOLLM2, steps, 2 if a.tiny else 8,
+                                     32 if a.tiny else 256, a.device),
+    }
+    for name in a.parts.split(","):
+        if name not in parts:
+            raise UserError(f"--parts: unknown part {name!r}; known: {', '.join(parts)}")
+        started = time.perf_counter()
+        try:  # one part failing (a kernel the GPU refuses) leaves the others their say
+            parts[name]()
+        except Exception:
+            say(check=name, error=traceback.format_exc()[-3000:])
+        say(check=f"{name}_done", seconds=round(time.perf_counter() - started, 1))
 
 
 if __name__ == "__main__":
