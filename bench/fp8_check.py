@@ -3,6 +3,7 @@
     python -m bench.fp8_check                       # an H100/H200: about 5 minutes
     python -m bench.fp8_check --full-speed          # also Llama-3.2-1B full fine-tuning (+2 min)
     python -m bench.fp8_check --device cpu --tiny   # a smoke test of this script: seconds
+    python -m bench.fp8_check --parts real --checkpoint DIR --data alpaca.json   # (d), below
 
 (a) numerics: the FP8 layers of speed/fp8.py against float32 products on Llama-3-8B's projection
     shapes, 2×2048 tokens, random weights (N(0, 0.02)) and activations with the outlier channels
@@ -14,14 +15,18 @@
     steps with and without --fp8 on the same synthetic token stream, and the held-out loss of
     each. The stream is a fixed random Markov chain (each token has 4 possible successors), so
     there is something to learn: the loss falls from ln(vocabulary) towards ln(4). It checks
-    that FP8 trains as bf16 does; the real model on real data is train_sft.py's to show.
+    that FP8 trains as bf16 does.
+(d) real (asked for by name): train_sft.py on a real model and data, LoRA, with and without
+    --fp8, and the held-out loss curves (metrics.jsonl).
 """
 import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -179,6 +184,39 @@ def training(c, steps, batch, seq, device):
             relative_difference=round(abs(held[True] - held[False]) / held[False], 5))
 
 
+def real_model(checkpoint, data, steps, device):
+    """train_sft.py itself on a real model and data, LoRA, with and without --fp8: the held-out
+    loss every steps/6 steps (metrics.jsonl) and the relative difference at the end."""
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fp8 in (False, True):
+            out = Path(tmp) / ("fp8" if fp8 else "bf16")
+            args = ["--checkpoint", checkpoint, "--data", data, "--out", str(out), "--device",
+                    device, "--max-steps", str(steps), "--eval-every", str(max(1, steps // 6)),
+                    "--save-every", str(steps), "--batch-size", "8", "--grad-accum", "1",
+                    "--warmup-steps", str(max(1, steps // 10))]
+            args += ["--compile"] if device.startswith("cuda") else []
+            args += ["--fp8"] if fp8 else []
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "train_sft.py", *args], capture_output=True,
+                                  text=True, timeout=600)
+            if done.returncode:
+                say(check="real", command="python train_sft.py " + " ".join(args),
+                    error=done.stderr[-3000:])
+                return
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            curves[fp8] = {r["step"]: round(r["val_loss"], 5) for r in rows if "val_loss" in r}
+            speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+            say(check="real", fp8=fp8, command="python train_sft.py " + " ".join(args),
+                seconds=round(time.perf_counter() - started, 1), held_out=curves[fp8],
+                tokens_per_s_last=speeds[-1] if speeds else None)
+    last = max(curves[False])
+    say(check="real_result", step=last, held_out_bf16=curves[False][last],
+        held_out_fp8=curves[True][last],
+        relative_difference=round(abs(curves[True][last] - curves[False][last])
+                                  / curves[False][last], 5))
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--device", type=device_name, default=default_device(), help="cuda or cpu")
@@ -188,7 +226,12 @@ def main(argv=None):
                    help="also measure Llama-3.2-1B full fine-tuning (pure bf16, float32 master)")
     p.add_argument("--steps", type=positive_int, default=40, help="training steps of part (c)")
     p.add_argument("--parts", default="numerics,speed,training",
-                   help="which parts to run, of numerics, speed, training")
+                   help="which parts to run, of numerics, speed, training, real (real: "
+                   "train_sft.py on --checkpoint and --data, with and without --fp8)")
+    p.add_argument("--checkpoint", help="part real: a model (default: none)")
+    p.add_argument("--data", help="part real: its training data (default: none)")
+    p.add_argument("--real-steps", type=positive_int, default=60,
+                   help="part real: optimizer steps of each run")
     a = p.parse_args(argv)
     check_fp8("lora", "bf16", a.device, allow_cpu=a.tiny)  # a GPU without FP8: one line, here
     if a.device.startswith("cuda"):
@@ -202,7 +245,10 @@ def main(argv=None):
         "speed": lambda: speed(TINY_SPEED_ROWS if a.tiny else rows, a.tiny, a.device),
         "training": lambda: training(TINY if a.tiny else SMOLLM2, steps, 2 if a.tiny else 8,
                                      32 if a.tiny else 256, a.device),
+        "real": lambda: real_model(a.checkpoint, a.data, a.real_steps, a.device),
     }
+    if "real" in a.parts.split(",") and not (a.checkpoint and a.data):
+        raise UserError("--parts real needs --checkpoint and --data")
     for name in a.parts.split(","):
         if name not in parts:
             raise UserError(f"--parts: unknown part {name!r}; known: {', '.join(parts)}")
