@@ -26,7 +26,8 @@ from model import (DEFAULT_PRECISION, IGNORE_INDEX, PRECISIONS, PRESETS, ModelCo
                    default_precision)
 from projections import PROJECTIONS, is_target, replace_module
 from speed.quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
-from train_sft import TrainConfig, count_targets, make_optimizer, start_distributed, train_step
+from run.processes import start_processes
+from train_sft import TrainConfig, count_targets, loss_scaler, make_optimizer, train_step
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -149,14 +150,13 @@ def profile_step(step, c, a, sync, cuda):
 def main(argv=None):
     a = parse_args(argv)
 
-    dist = start_distributed()  # torchrun: FSDP2 data parallel, as in train_sft.py
-    if dist:
-        a.device = dist.device
-    world = dist.world if dist else 1
+    processes = start_processes(a.device)  # torchrun: FSDP2 data parallel, as in train_sft.py
+    a.device = processes.device
+    world = processes.world
 
     if a.pure_bf16 and a.method != "full":
         raise UserError("--pure-bf16 is for --method full")
-    if a.adamw_state == "bf16" and (a.method != "full" or a.pure_bf16 or dist):
+    if a.adamw_state == "bf16" and (a.method != "full" or a.pure_bf16 or world > 1):
         raise UserError("--adamw-state bf16 is for --method full with float32 weights, in one "
                         "process")
     c = ModelConfig.from_name(a.shape)
@@ -184,16 +184,15 @@ def main(argv=None):
                            adamw_state=a.adamw_state, world_size=world)
     # what train_sft.py prints before training
     estimate = estimate_memory(model, settings)["total"]
-    if dist:
-        dist.parallelize(model, shard=a.method == "full")
+    processes.parallelize(model, shard=a.method == "full")
     if a.compile:
         compile_for_training(model)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, a.device, a.adamw_state)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = loss_scaler(settings)
 
     B, S = a.batch_size, a.seq_len
-    g = torch.Generator(a.device).manual_seed(dist.rank if dist else 0)  # each rank its own batch
+    g = torch.Generator(a.device).manual_seed(processes.rank)  # each rank its own batch
     tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
     labels = tokens.clone()
     labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
@@ -201,9 +200,8 @@ def main(argv=None):
     n_targets = count_targets(batch)  # per rank: the step's targets / world (Distributed.share)
 
     def step():
-        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler,
-                          sync=dist and dist.gradient_sync)[0]
-        return dist.mean(loss) if dist else loss
+        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler, processes)[0]
+        return processes.mean(loss)
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -223,9 +221,8 @@ def main(argv=None):
 
     tok_s = B * S * a.steps * world / dt  # all GPUs together
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
-    if dist:
-        dist.close()
-    if dist is None or dist.is_main:
+    processes.close()  # (torchrun: every rank finished measuring)
+    if processes.is_main:
         lora_r = None if a.method == "full" else a.lora_r
         peak_mem_gib = None  # per GPU; nothing measures it on a CPU
         if cuda:
@@ -244,8 +241,7 @@ def main(argv=None):
             "adamw_state": a.adamw_state, "fp8": a.fp8,
             "estimate_gib": round(estimate, 2),
         }), flush=True)
-    if dist:
-        dist.exit()
+    processes.exit()
 
 
 if __name__ == "__main__":
