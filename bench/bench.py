@@ -170,7 +170,7 @@ def main(argv=None):
     model = build(c, a.method, a.device, low, a.pure_bf16)
     if a.fp8:  # before the adapters, as train_sft.build_model does
         from speed.fp8 import check_fp8, use_fp8
-        if dist:
+        if world > 1:
             raise UserError("--fp8 runs in one process, not under torchrun")
         check_fp8(a.method, precision, a.device, allow_cpu=True)
         use_fp8(model, a.method, say=lambda line: print(line, file=sys.stderr))
