@@ -264,3 +264,35 @@ def test_train_sft_with_fp8(tmp_path, monkeypatch):
     assert len(losses[True]) == 3
     for bf16_loss, fp8_loss in zip(losses[False], losses[True]):
         assert abs(fp8_loss - bf16_loss) / bf16_loss < 0.01, losses
+
+
+def test_train_sft_refuses_fp8_under_torchrun(tmp_path, monkeypatch):
+    """Not tried with FSDP: one line before anything is written."""
+    monkeypatch.setattr(fp8, "check_fp8", functools.partial(fp8.check_fp8, allow_cpu=True))
+
+    class TwoRanks:
+        device, world = "cpu", 2
+    monkeypatch.setattr(train_sft, "start_processes", lambda device: TwoRanks())
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        train_sft.main(["--fp8", "--precision", "bf16", "--out", str(out)])
+    assert str(info.value) == "--fp8 runs in one process, not under torchrun"
+    assert not out.exists()
+
+
+def test_fp8_layers_compile_in_one_graph():
+    """torch.compile (what --compile does to each block) traces both autograd Functions whole,
+    backward included, and gives the eager results. (aot_eager: the graph capture of --compile
+    without generating kernels, which a CPU would take long over.)"""
+    torch.manual_seed(0)
+    full = Float8Linear.from_linear(nn.Linear(64, 32, bias=False))
+    frozen = FrozenFloat8Linear(seeded(32, 64, std=0.02))
+
+    def forward(x):
+        return (full(x) * frozen(x)).float().sum()
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    x = seeded(3, 5, 64).requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    compiled(x).backward()
+    forward(x_eager).backward()
+    assert torch.equal(x.grad, x_eager.grad) and x.grad.abs().sum() > 0
