@@ -1,8 +1,8 @@
 """--fp8 checked on one GPU in one call: numerics, speed, and training next to bf16. JSON lines.
 
     python -m bench.fp8_check                       # an H100/H200: about 5 minutes
-    python -m bench.fp8_check --full-speed          # also Llama-3.2-1B full fine-tuning (+2 min)
-    python -m bench.fp8_check --device cpu --tiny   # a smoke test of this script: seconds
+    python -m bench.fp8_check --parts speed-full    # Llama-3.2-1B full fine-tuning: 3 minutes
+    python -m bench.fp8_check --device cpu --tiny   # a smoke test of this script: a minute
     python -m bench.fp8_check --parts real --checkpoint DIR --data alpaca.json   # (d), below
 
 (a) numerics: the FP8 layers of speed/fp8.py against float32 products on Llama-3-8B's projection
@@ -10,7 +10,9 @@
     and per-token magnitudes of a real model's (a few channels 20× the rest); bf16's own error
     beside them. Per token (or weight row): ‖approx − exact‖ / ‖exact‖, mean and max.
 (b) speed: `python -m bench --compile` with and without --fp8, one process each (tokens/s, peak
-    memory, MFU against the bf16 peak), and the ratios.
+    memory, MFU against the bf16 peak), and the ratios: Llama-3.2-1B LoRA 8×2048 and Llama-3-8B
+    LoRA 2×2048; speed-full: Llama-3.2-1B full fine-tuning 8×2048, pure bf16 and float32 master
+    weights.
 (c) training: the SmolLM2-135M shape with random weights, LoRA and full fine-tuning, the same
     steps with and without --fp8 on the same synthetic token stream, and the held-out loss of
     each. The stream is a fixed random Markov chain (each token has 4 possible successors), so
@@ -222,12 +224,10 @@ def main(argv=None):
     p.add_argument("--device", type=device_name, default=default_device(), help="cuda or cpu")
     p.add_argument("--tiny", action="store_true",
                    help="small shapes and few steps: a smoke test of this script (on a CPU)")
-    p.add_argument("--full-speed", action="store_true",
-                   help="also measure Llama-3.2-1B full fine-tuning (pure bf16, float32 master)")
     p.add_argument("--steps", type=positive_int, default=40, help="training steps of part (c)")
     p.add_argument("--parts", default="numerics,speed,training",
-                   help="which parts to run, of numerics, speed, training, real (real: "
-                   "train_sft.py on --checkpoint and --data, with and without --fp8)")
+                   help="which parts to run, of numerics, speed (LoRA), speed-full (full "
+                   "fine-tuning), training, real (train_sft.py on --checkpoint and --data)")
     p.add_argument("--checkpoint", help="part real: a model (default: none)")
     p.add_argument("--data", help="part real: its training data (default: none)")
     p.add_argument("--real-steps", type=positive_int, default=60,
@@ -237,12 +237,13 @@ def main(argv=None):
     if a.device.startswith("cuda"):
         say(check="device", gpu=torch.cuda.get_device_name(a.device), torch=torch.__version__,
             capability=list(torch.cuda.get_device_capability(a.device)))
-    rows = SPEED_ROWS + (FULL_SPEED_ROWS if a.full_speed else [])
     steps = min(a.steps, 4) if a.tiny else a.steps
     parts = {
         "numerics": lambda: numerics(SHAPES_TINY if a.tiny else SHAPES_8B,
                                      64 if a.tiny else 4096, a.device),
-        "speed": lambda: speed(TINY_SPEED_ROWS if a.tiny else rows, a.tiny, a.device),
+        "speed": lambda: speed(TINY_SPEED_ROWS if a.tiny else SPEED_ROWS, a.tiny, a.device),
+        "speed-full": lambda: speed(TINY_SPEED_ROWS if a.tiny else FULL_SPEED_ROWS, a.tiny,
+                                    a.device),
         "training": lambda: training(TINY if a.tiny else SMOLLM2, steps, 2 if a.tiny else 8,
                                      32 if a.tiny else 256, a.device),
         "real": lambda: real_model(a.checkpoint, a.data, a.real_steps, a.device),
