@@ -70,6 +70,7 @@ class TrainConfig:
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
     compile: bool = False
+    fp8: bool = False              # the seven projections' products in FP8 (speed/fp8.py)
     loss_chunk: int = 1024
     packing: bool = False
     resume: bool = False
@@ -175,6 +176,10 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
+    a("--fp8", action="store_true", help="FP8 matrix products for the seven projections of every "
+      "block (speed/fp8.py), on a GPU of compute capability >= 8.9 (H100, H200, Ada): LoRA stores "
+      "the frozen base in FP8 (half the memory of bf16), full fine-tuning casts its float32 "
+      "weights to FP8 for each product; the rest stays bf16 (default: off)")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
       help="positions per chunk of the output-head loss; 0 = model.py's plain loss, all at "
       "once. Chunking (speed/fused_loss.py) gives the same loss without the batch·seq × vocab "
@@ -206,6 +211,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     if config.adamw_state == "bf16" and (config.method != "full" or config.pure_bf16):
         raise UserError("--adamw-state bf16 is for --method full with float32 weights (not "
                         "--pure-bf16, whose AdamW state is bf16 already)")
+    if config.fp8:  # (one line where it cannot run: a CPU, an older GPU, QLoRA, ...)
+        from speed.fp8 import check_fp8
+        check_fp8(config.method, config.precision, config.device, config.lora.dora, config.merge)
     if config.precision == "fp16" and not config.device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)

@@ -48,6 +48,8 @@ def main(argv=None):
     config = replace(config, device=processes.device, world_size=processes.world)
     if processes.world > 1 and config.adamw_state == "bf16":  # (speed/optim.py: not for FSDP)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
+    if processes.world > 1 and config.fp8:  # (speed/fp8.py: not tried under FSDP yet)
+        raise UserError("--fp8 runs in one process, not under torchrun")
     log = Log(quiet=not processes.is_main)  # one process speaks
     tokenizer = config_tokenizer(config)  # read once: the template and the model both need it
     config = resolve_template(config, tokenizer, log)
@@ -230,8 +232,8 @@ def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
 
 def build_model(config: TrainConfig, tokenizer, log):
     """The model, checked against its tokenizer. LoRA keeps the frozen base in bf16/fp16 (half
-    the memory of fp32), QLoRA in NF4 (a quarter of that); trainable weights (LoRA matrices, or
-    everything for full fine-tuning) stay float32."""
+    the memory of fp32; FP8 with --fp8, half of that), QLoRA in NF4 (a quarter); trainable weights
+    (LoRA matrices, or everything for full fine-tuning) stay float32."""
     if config.method == "full":  # the trained weights: float32 master weights, or bf16 throughout
         base_dtype = torch.bfloat16 if config.pure_bf16 else torch.float32
     else:  # the frozen base: in the compute precision (QLoRA: NF4, computing in that precision)
@@ -252,6 +254,9 @@ def build_model(config: TrainConfig, tokenizer, log):
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
+    if config.fp8:  # the projections' products in FP8 (speed/fp8.py), before LoRA wraps them
+        from speed.fp8 import use_fp8
+        use_fp8(model, config.method, say=log.say)
     if config.method == "qlora":  # the frozen embedding need not take GPU memory
         from speed.quant import embedding_to_host
         embedding_to_host(model)

@@ -34,9 +34,11 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
+# --fp8 too: the products are rounded to 8 bits instead of 16, the weights and adapters are the
+# same ones (a run goes on without it on a GPU that has no FP8).
 # Of these, the cadences and the sample prompts are noted in the history too (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt",
-                     "sample_tokens", "merge", "device", "grad_ckpt", "compile")
+                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "fp8")
 RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "sample_tokens")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text
