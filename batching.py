@@ -108,21 +108,26 @@ def batch_efficiency(batches: list[dict]) -> float:
 class StepBatches:
     """The micro-batches of every optimizer step, as a pure function of the step number.
 
-    Micro-batch i of the run is batch i % per_epoch of epoch i // per_epoch, and each epoch's
-    batches are make_batches(..., seed, epoch): the same step always gets the same data, so a run
-    resumed at step k continues exactly where it stopped. The run lasts `max_steps` optimizer
-    steps, or (None) as many as `epochs` passes over the data take."""
+    Each epoch's batches are make_batches(examples_of(epoch), ..., seed, epoch), and micro-batch i
+    of the run is the one at its place in that sequence of epochs: the same step always gets the
+    same data, so a run resumed at step k continues exactly where it stopped. examples_of is
+    sources.Mix.epoch: the same examples every epoch, or (mixed with weights) each epoch's own
+    sample, whose packed rows may then number a few more or fewer than epoch 0's. The run lasts
+    `max_steps` optimizer steps, or (None) as many as `epochs` passes over the data take (counted
+    in epoch 0's micro-batches)."""
 
-    def __init__(self, examples: list, batch_size: int, per_step: int, epochs: float = 1.0,
+    def __init__(self, examples_of, batch_size: int, per_step: int, epochs: float = 1.0,
                  max_steps: int | None = None, **options):
-        self.examples = examples
+        self.examples_of = examples_of
         self.batch_size = batch_size
         self.per_step = per_step
         self.options = options
         self.epoch = 0
-        self.batches = make_batches(examples, batch_size, epoch=0, **options)
-        self.per_epoch = len(self.batches)
-        # the widest batch (every epoch has the longest example, so the same width)
+        self.batches = make_batches(examples_of(0), batch_size, epoch=0, **options)
+        self.per_epoch = len(self.batches)  # (epoch 0's: what --epochs counts in)
+        self.starts = [0, self.per_epoch]  # where each epoch counted so far starts, and the end
+        # the widest batch: every epoch has the longest example, so the same width (a weighted
+        # mix may leave it out of epoch 0: then an estimate)
         self.longest = max(batch["tokens"].shape[1] for batch in self.batches)
         self.total_steps = max_steps or max(1, math.ceil(epochs * self.per_epoch / per_step))
 
@@ -131,9 +136,23 @@ class StepBatches:
         return [self.micro_batch(i) for i in range(first, first + self.per_step)]
 
     def micro_batch(self, i: int) -> dict:
-        epoch, index = divmod(i, self.per_epoch)
+        while i >= self.starts[-1]:  # count the batches of the epochs up to i's
+            examples = self.examples_of(len(self.starts) - 1)
+            self.starts.append(self.starts[-1] + batch_count(examples, self.batch_size,
+                                                             **self.options))
+        epoch = bisect.bisect_right(self.starts, i) - 1
         if epoch != self.epoch:  # a new epoch: its own shuffle (only one epoch is kept in memory)
             self.epoch = epoch
-            self.batches = make_batches(self.examples, self.batch_size, epoch=epoch,
+            self.batches = make_batches(self.examples_of(epoch), self.batch_size, epoch=epoch,
                                         **self.options)
-        return self.batches[index]
+        return self.batches[i - self.starts[epoch]]
+
+
+def batch_count(examples: list, batch_size: int, *, max_seq_len: int, packing: bool = False,
+                **options) -> int:
+    """How many batches make_batches makes of `examples`, without making them."""
+    rows = len(examples)
+    if packing:
+        lengths = [len(ids) for ids, _ in examples]
+        rows = len(pack_rows(list(range(len(examples))), lengths, max_seq_len))
+    return math.ceil(rows / batch_size)

@@ -263,3 +263,18 @@ def tokenize_chat(conversation: dict, tokenizer, template: ChatTemplate,
         ids += piece
         is_answer += flags
     return ids, is_answer
+
+
+# The default system prompt inside a ChatML chat_template: the literal text of its system block,
+# e.g. SmolLM2's '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>'.
+# The newline is a real one or jinja's "\n"; the text holds no quotes or braces (not an expression).
+CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the model's own chat template writes when a conversation has none."""
+    chat_template = getattr(tokenizer, "chat_template", None) or ""
+    match = CHATML_DEFAULT_SYSTEM.search(chat_template)
+    if match is None:
+        return None
+    return match.group(1).replace("\\n", "\n")

@@ -13,7 +13,9 @@ from errors import (ArgumentParser, UserError, default_device, device_name, frac
 from lora import parse_targets
 from model import DEFAULT_PRECISION, PRECISIONS, ModelConfig, default_precision
 from projections import PROJECTIONS
-from records import data_file
+from formats.data_files import data_paths
+from records import columns_flag, data_source, parse_source
+from sources import check_weights
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -39,11 +41,13 @@ class TrainConfig:
     out/config.json holds these values, resolved; --resume compares against them."""
     checkpoint: str | None = None  # None: the demo's tiny random model (--checkpoint tiny)
     tokenizer: str | None = None   # None: the one next to the checkpoint
-    data: str | None = None
+    data: list[str] | None = None  # each as typed: PATH or PATH:WEIGHT (sources.py)
     val_data: str | None = None
     val_split: float = 0.05
+    columns: str | None = None     # --columns: their keys as ours, "output=answer,..."
     template: str = "auto"        # config.json: the template used, a name or a jinja source
     train_on_prompt: bool = False
+    train_on: str = "all"          # multi-turn records: every assistant turn, or the last
     out: str = "out"
     method: str = "lora"           # lora, qlora or full
     lora: LoRASettings = field(default_factory=LoRASettings)
@@ -66,6 +70,7 @@ class TrainConfig:
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
     compile: bool = False
+    fp8: bool = False              # the seven projections' products in FP8 (speed/fp8.py)
     loss_chunk: int = 1024
     packing: bool = False
     neftune_alpha: float = 0.0     # NEFTune's noise on the input embeddings (neftune.py); 0: off
@@ -79,7 +84,7 @@ class TrainConfig:
 # The demo (`python train_sft.py`, or --checkpoint tiny) trains a small random model from scratch,
 # by default on examples/alpaca_demo.json (README: Two commands): it shows the whole pipeline,
 # offline, not a useful model. --data alone trains a real one (formats/default_model.py).
-DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
+DEMO = dict(method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
             loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
@@ -105,14 +110,21 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       f"${default_model.CACHE_ENV} or ~/.cache/sft-from-scratch; without --data, the demo: tiny)")
     a("--tokenizer", help="tokenizer.model, tokenizer.json or a directory (default: found next to "
       "--checkpoint)")
-    a("--data", help="training data: Alpaca or chat records, JSON or JSONL (required with "
-      "--checkpoint PATH; default for the demo: examples/alpaca_demo.json)")
+    a("--data", action="append", type=data_source, metavar="PATH[:WEIGHT]",
+      help="training data: Alpaca, ShareGPT, Dolly, prompt/completion or chat records in JSON, "
+      "JSON Lines, CSV, TSV or Parquet, or a folder of them (docs/data.md). Repeat it to mix "
+      "sources; WEIGHT in (0, 1] is the share of every epoch drawn from that one (sources.py). "
+      "Required with --checkpoint PATH; default for the demo: examples/alpaca_demo.json")
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
     a("--template", default=d.template, choices=["auto", *data.TEMPLATES],
       help="prompt template; auto: the checkpoint's own chat template, else alpaca")
+    a("--columns", type=columns_flag, help="their keys as ours, e.g. "
+      "output=answer,instruction=question (default: none)")
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens (no loss mask)")
+    a("--train-on", choices=data.TRAIN_ON, default=d.train_on,
+      help="in multi-turn records, train on every assistant turn or only the last")
     a("--out", default=d.out, help="output directory: new, empty, or a run of this project")
     a("--method", choices=["lora", "qlora", "full"], default=d.method,
       help="LoRA adapters, QLoRA (LoRA on a 4-bit NF4 base: speed/quant.py) or full fine-tuning")
@@ -166,6 +178,10 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
     a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
+    a("--fp8", action="store_true", help="FP8 matrix products for the seven projections of every "
+      "block (speed/fp8.py), on a GPU of compute capability >= 8.9 (H100, H200, Ada): LoRA stores "
+      "the frozen base in FP8 (half the memory of bf16), full fine-tuning casts its float32 "
+      "weights to FP8 for each product; the rest stays bf16 (default: off)")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
       help="positions per chunk of the output-head loss; 0 = model.py's plain loss, all at "
       "once. Chunking (speed/fused_loss.py) gives the same loss without the batch·seq × vocab "
@@ -187,8 +203,11 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
         args = p.parse_args(argv)
         args.checkpoint = None
     elif args.checkpoint is None:  # --data alone: a real pretrained model
-        data_file(args.data)  # (a mistyped --data is said before a download, not after)
+        for text in args.data:  # (a mistyped --data is said before a download, not after)
+            data_paths(parse_source(text)[0])
         args.checkpoint = str(default_model.fetch())
+    if args.data is None and args.checkpoint is None:  # (not a default: --data appends to those)
+        args.data = [str(DEMO_DATA)]
     if not args.data:
         raise UserError("--data is required with --checkpoint")
     config = from_flags(TrainConfig, args, lora=from_flags(LoRASettings, args, prefix="lora_"))
@@ -201,7 +220,13 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     if config.adamw_state == "bf16" and (config.method != "full" or config.pure_bf16):
         raise UserError("--adamw-state bf16 is for --method full with float32 weights (not "
                         "--pure-bf16, whose AdamW state is bf16 already)")
+    if config.fp8:  # (one line where it cannot run: a CPU, an older GPU, QLoRA, ...)
+        from speed.fp8 import check_fp8
+        check_fp8(config.method, config.precision, config.device, config.lora.dora, config.merge)
     if config.precision == "fp16" and not config.device.startswith("cuda"):
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)
+    data.check_train_on(config.train_on, config.train_on_prompt)
+    sources = [parse_source(text) for text in config.data]  # (said before the model loads)
+    check_weights([weight for _, weight in sources], [path for path, _ in sources])
     return config

@@ -9,6 +9,7 @@ r"""Instruction data → token ids with a loss mask → batches.
       ─► {"tokens", "labels", "positions", "doc_ids", "lengths"}
 
     python data.py --data examples/alpaca_demo.json --tokenizer $M --show 2   # M: a model
+    python data.py --stats sharegpt.parquet --checkpoint $M --seq-len 1024     # numbers only
 
 This file reads top to bottom: one example and its loss mask (encode_example, with a worked
 example), then what it stands on (the templates, tokenizing a conversation), then a whole data set,
@@ -43,16 +44,17 @@ import sys
 from dataclasses import dataclass
 
 from batching import batch_efficiency, make_batches
-from chat_template import ChatTemplate, tokenize_chat
+from chat_template import ChatTemplate, default_system_prompt, tokenize_chat
 from errors import ArgumentParser, UserError, non_negative_int, positive_int, run_cli
 from model import IGNORE_INDEX
-from records import load_records, normalize_record
-from tokenizer import Tokenizer, encode_text
+from records import columns_flag, load_records, normalize_record, parse_columns
+from tokenizer import ByteTokenizer, Tokenizer, checkpoint_tokenizer, encode_text
 
 # -- One example: the prompt is masked, the answer and its end token are trained on ---------------
 
 def encode_example(record: dict, tokenizer: Tokenizer, template: "Template", max_seq_len: int,
-                   train_on_prompt: bool = False) -> tuple[list[int], list[int]] | None:
+                   train_on_prompt: bool = False,
+                   train_on: str = "all") -> tuple[list[int], list[int]] | None:
     r"""(input_ids, labels) of one record, or None when even the first answer token does not fit.
 
     The simplest case: one Alpaca record, Stanford Alpaca's prompt, the Llama-2 tokenizer
@@ -74,13 +76,21 @@ def encode_example(record: dict, tokenizer: Tokenizer, template: "Template", max
     flags into labels.
     """
     ids, is_answer = tokenize_conversation(record, tokenizer, template)
-    return truncate_and_mask(ids, is_answer, max_seq_len, train_on_prompt)
+    return truncate_and_mask(ids, is_answer, max_seq_len, train_on_prompt, train_on)
+
+
+TRAIN_ON = ("all", "last")  # --train-on: every assistant turn, or only the last
 
 
 def truncate_and_mask(ids: list[int], is_answer: list[bool], max_seq_len: int,
-                      train_on_prompt: bool = False) -> tuple[list[int], list[int]] | None:
+                      train_on_prompt: bool = False,
+                      train_on: str = "all") -> tuple[list[int], list[int]] | None:
     """The loss mask: labels[t] is ids[t] where token t is an answer or end token, IGNORE_INDEX
-    elsewhere. Truncation cuts the end off; None when no target token is left."""
+    elsewhere. train_on "last": only the last answer's (its tokens are the last run of answer
+    flags: a prompt always stands between two answers). Truncation cuts the end off; None when
+    no target token is left."""
+    if train_on == "last":
+        is_answer = last_answer(is_answer)
     ids = ids[:max_seq_len]
     is_answer = is_answer[:max_seq_len]
     labels = []
@@ -93,6 +103,15 @@ def truncate_and_mask(ids: list[int], is_answer: list[bool], max_seq_len: int,
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return ids, labels
+
+
+def last_answer(is_answer: list[bool]) -> list[bool]:
+    """The flags of the last run of True only: the conversation's last answer and its end token."""
+    end = max((t + 1 for t, answer in enumerate(is_answer) if answer), default=0)
+    start = end
+    while start > 0 and is_answer[start - 1]:
+        start -= 1
+    return [start <= t < end for t in range(len(is_answer))]
 
 
 def encode_prompt(text_or_record, tokenizer: Tokenizer, template: "Template") -> list[int]:
@@ -164,21 +183,6 @@ TEMPLATES = {template.name: template for template in [
     Template("none", prompt="{system}{instruction}", empty_system_block=False),
 ]}
 SPECIAL_TOKEN = re.compile(r"(<\|[a-z0-9_]+\|>)")
-# The default system prompt inside a ChatML chat_template: the literal text of its system block,
-# e.g. SmolLM2's '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>'.
-# The newline is a real one or jinja's "\n"; the text holds no quotes or braces (not an expression).
-CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
-
-
-def default_system_prompt(tokenizer: Tokenizer) -> str | None:
-    """The system prompt the model's own chat template writes when a conversation has none."""
-    chat_template = getattr(tokenizer, "chat_template", None) or ""
-    match = CHATML_DEFAULT_SYSTEM.search(chat_template)
-    if match is None:
-        return None
-    return match.group(1).replace("\\n", "\n")
-
-
 def get_template(name: str) -> "Template | ChatTemplate":
     """A named template, or a jinja template's source (what a run's config.json records)."""
     if name in TEMPLATES:
@@ -315,7 +319,8 @@ def percentile(sorted_values: list, p: float) -> float:
 
 
 def encode_dataset(records: list[dict], tokenizer: Tokenizer, template: Template, max_seq_len: int,
-                   train_on_prompt: bool = False, progress: bool = True, source: str = "data"):
+                   train_on_prompt: bool = False, progress: bool = True, source: str = "data",
+                   train_on: str = "all"):
     """Encode every record → (examples, stats). Length statistics are before truncation (to help
     choose --seq-len); tokens and target_tokens count what is trained on, after it."""
     if not records:
@@ -331,7 +336,7 @@ def encode_dataset(records: list[dict], tokenizer: Tokenizer, template: Template
             first = record["turns"][0]["instruction"] if "turns" in record else record
             raise UserError(f"{source}: the record that starts {str(first)[:40]!r}: {e}") from None
         lengths.append(len(ids))
-        example = truncate_and_mask(ids, is_answer, max_seq_len, train_on_prompt)
+        example = truncate_and_mask(ids, is_answer, max_seq_len, train_on_prompt, train_on)
         if example is not None:
             examples.append(example)
             truncated += len(ids) > max_seq_len
@@ -380,39 +385,65 @@ def _mark_target(text: str, color: bool) -> str:
 
 def main(argv=None):
     parser = ArgumentParser(description="Show what a data file becomes: encoded examples with the "
-                            "trained-on tokens marked, then token and padding statistics.",
+                            "trained-on tokens marked, then token and padding statistics; or, "
+                            "with --stats, the statistics alone.",
                             epilog=__doc__.split("\n\n")[2])
     add = parser.add_argument
-    add("--data", required=True, help="Alpaca or chat records: a JSON array or JSON Lines")
-    add("--tokenizer", required=True,
-        help="tokenizer.model (or a checkpoint directory holding one)")
+    add("--data", help="records (Alpaca, ShareGPT, Dolly, prompt/completion or chat messages): "
+        "JSON, JSON Lines, CSV, TSV, Parquet, or a folder of them (this or --stats)")
+    add("--stats", metavar="FILE", help="only the statistics of FILE (records, turns, token "
+        "lengths, truncation, trained tokens), instead of --data")
+    add("--columns", type=columns_flag,
+        help="their keys as ours, e.g. output=answer,instruction=question (default: none)")
+    add("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one "
+        "(default: the one next to --checkpoint)")
+    add("--checkpoint", help="a model whose tokenizer to use (this or --tokenizer, which wins); "
+        "'tiny': the demo's byte tokenizer")
     add("--template", default="auto", choices=["auto", *TEMPLATES],
         help="prompt format; auto: the tokenizer's own chat template, else alpaca")
     add("--seq-len", type=positive_int, default=512, help="longer examples are truncated")
     add("--show", type=non_negative_int, default=3, help="how many encoded examples to print")
     add("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    add("--train-on", choices=TRAIN_ON, default="all",
+        help="in multi-turn records, train on every assistant turn or only the last")
     add("--batch-size", type=positive_int, default=8, help="for the padding statistics")
     args = parser.parse_args(argv)
-
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    records = load_records(args.data)
-    template = resolve_template(args.template, tokenizer, say=lambda line: print(line,
-                                                                                file=sys.stderr))
+    if (args.data is None) == (args.stats is None):
+        raise UserError("give --data (examples and statistics) or --stats FILE (statistics), one "
+                        "of them")
+    if args.tokenizer is None and args.checkpoint is None:
+        raise UserError("give --tokenizer or --checkpoint (whose tokenizer is then used)")
+    check_train_on(args.train_on, args.train_on_prompt)
+    tokenizer = ByteTokenizer() if args.checkpoint == "tiny" and not args.tokenizer else \
+        checkpoint_tokenizer(args.checkpoint, args.tokenizer)
+    path = args.data or args.stats
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731  (stdout: what the data becomes)
+    columns = parse_columns(args.columns) if args.columns else None
+    read = []  # (said after the template: a mistake in the data is the only line)
+    records = load_records(path, columns, say=read.append)
+    template = resolve_template(args.template, tokenizer, say=say)
+    for line in read:
+        say(line)
     examples, stats = encode_dataset(records, tokenizer, template, args.seq_len,
-                                     args.train_on_prompt, source=args.data)
+                                     args.train_on_prompt, source=path, train_on=args.train_on)
     color = sys.stdout.isatty()
     how_marked = "green" if color else "in [[ ]]"
-    for number, (ids, labels) in enumerate(examples[:args.show], 1):
+    for number, (ids, labels) in enumerate(examples[:args.show if args.data else 0], 1):
         n_target = sum(label != IGNORE_INDEX for label in labels)
         heading = f"example {number}: {len(ids)} tokens, {n_target} trained on ({how_marked})"
         print(f"── {heading} ──")
         print(format_example(ids, labels, tokenizer, color) + "\n")
-    print(f"records {stats['records']}: kept {stats['kept']} ({stats['truncated']} truncated to "
-          f"{args.seq_len} tokens), dropped {stats['dropped']} (prompt alone fills --seq-len)")
+    turns = sum(len(record["turns"]) for record in records)
+    print(f"records {stats['records']} ({turns} turns): kept {stats['kept']} "
+          f"({stats['truncated']} truncated to {args.seq_len} tokens), dropped {stats['dropped']} "
+          "(prompt alone fills --seq-len)")
     share = stats["target_tokens"] / stats["tokens"]
-    print(f"tokens {stats['tokens']}, trained on {stats['target_tokens']} ({share:.0%})")
+    print(f"tokens {stats['tokens']}, trained on {stats['target_tokens']} ({share:.0%}; "
+          f"--train-on {args.train_on}{', --train-on-prompt' if args.train_on_prompt else ''})")
     print(f"length before truncation: min {stats['min']}, median {stats['p50']:.0f}, "
           f"p95 {stats['p95']:.0f}, max {stats['max']}")
+    if args.stats:
+        return
     layouts = [("random batches", {"group_by_length": False}), ("grouped by length", {}),
                ("packed", {"packing": True})]
     for name, options in layouts:
@@ -420,6 +451,13 @@ def main(argv=None):
                                max_seq_len=args.seq_len, **options)
         efficiency = batch_efficiency(batches)
         print(f"padding efficiency at batch size {args.batch_size}, {name}: {efficiency:.1%}")
+
+
+def check_train_on(train_on: str, train_on_prompt: bool):
+    """--train-on last trains one turn's answer; --train-on-prompt trains every token."""
+    if train_on == "last" and train_on_prompt:
+        raise UserError("--train-on last and --train-on-prompt contradict each other: the "
+                        "prompt is every token before the last answer; give one of them")
 
 
 if __name__ == "__main__":

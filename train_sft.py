@@ -34,13 +34,13 @@ from run.best import keep_best
 from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from neftune import add_neftune
-from records import load_records, split_train_val
 from run.processes import ONE_PROCESS, start_processes
 from run.run_dir import load_state, prepare_out, record_effective, undo_start
 from run.run_metrics import Log, drop_metrics_after, plot_losses
 from run.samples import Samples, make_samples
 from run.stop import STOP
 from run.training_run import TrainingRun
+from sources import load_sources
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -50,6 +50,8 @@ def main(argv=None):
     config = replace(config, device=processes.device, world_size=processes.world)
     if processes.world > 1 and config.adamw_state == "bf16":  # (speed/optim.py: not for FSDP)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
+    if processes.world > 1 and config.fp8:  # (speed/fp8.py: not tried under FSDP yet)
+        raise UserError("--fp8 runs in one process, not under torchrun")
     log = Log(quiet=not processes.is_main)  # one process speaks
     tokenizer = config_tokenizer(config)  # read once: the template and the model both need it
     config = resolve_template(config, tokenizer, log)
@@ -65,7 +67,8 @@ def main(argv=None):
         given = config
         config, train_data = load_data(config, tokenizer, model, log)
         if log.speaks:
-            record_effective(run.out, given, config)  # what load_data changed, beside the given
+            # what load_data changed, beside the given, and what each source gave
+            record_effective(run.out, given, config, data_sources=train_data.sources)
         processes.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + processes.rank)  # each process its own dropout masks
         if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
@@ -240,8 +243,8 @@ def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
 
 def build_model(config: TrainConfig, tokenizer, log):
     """The model, checked against its tokenizer. LoRA keeps the frozen base in bf16/fp16 (half
-    the memory of fp32), QLoRA in NF4 (a quarter of that); trainable weights (LoRA matrices, or
-    everything for full fine-tuning) stay float32."""
+    the memory of fp32; FP8 with --fp8, half of that), QLoRA in NF4 (a quarter); trainable weights
+    (LoRA matrices, or everything for full fine-tuning) stay float32."""
     if config.method == "full":  # the trained weights: float32 master weights, or bf16 throughout
         base_dtype = torch.bfloat16 if config.pure_bf16 else torch.float32
     else:  # the frozen base: in the compute precision (QLoRA: NF4, computing in that precision)
@@ -262,6 +265,9 @@ def build_model(config: TrainConfig, tokenizer, log):
         model, _ = load_checkpoint(config.checkpoint, device=config.device, dtype=base_dtype,
                                    quantize=config.method == "qlora")
         check_vocabulary(tokenizer, model.config.vocab_size)
+    if config.fp8:  # the projections' products in FP8 (speed/fp8.py), before LoRA wraps them
+        from speed.fp8 import use_fp8
+        use_fp8(model, config.method, say=log.say)
     if config.method == "qlora":  # the frozen embedding need not take GPU memory
         from speed.quant import embedding_to_host
         embedding_to_host(model)
@@ -299,6 +305,7 @@ class TrainingData:
     batches: StepBatches
     validation: "Validation | None"
     samples: Samples
+    sources: list[dict]  # what each --data gave (config.json: "data_sources")
 
 
 def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, TrainingData]:
@@ -310,25 +317,15 @@ def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, 
         log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; "
                 f"using {context}")
         config = replace(config, seq_len=context)
-    records = load_records(config.data)
-    if config.val_data:
-        train_records, val_records = records, load_records(config.val_data)
-    else:
-        train_records, val_records = split_train_val(records, config.val_split, seed=config.seed)
     template = data.get_template(config.template)
-    train_examples, stats = data.encode_dataset(train_records, tokenizer, template, config.seq_len,
-                                                config.train_on_prompt, source=config.data)
-    val_examples = []
-    if val_records:
-        val_examples, _ = data.encode_dataset(val_records, tokenizer, template, config.seq_len,
-                                              config.train_on_prompt,
-                                              source=config.val_data or config.data)
+    loaded = load_sources(config, tokenizer, template, log.say)  # each --data, split and encoded
+    stats = loaded.stats
     log.say(f"data: {stats['records']} training records → {stats['kept']} kept, "
             f"{stats['truncated']} truncated, {stats['dropped']} dropped; "
-            f"{len(val_examples)} validation examples")
+            f"{len(loaded.val_examples)} validation examples")
     options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing)
     per_step = config.grad_accum * config.world_size  # micro-batches per optimizer step, all ranks
-    batches = StepBatches(train_examples, config.batch_size, per_step, config.epochs,
+    batches = StepBatches(loaded.mix.epoch, config.batch_size, per_step, config.epochs,
                           config.max_steps, seed=config.seed, **options)
     log.say(f"batches: {batches.per_epoch} micro-batches per epoch, {batches.total_steps} "
             f"optimizer steps (batch {config.batch_size} × accumulation {config.grad_accum} × "
@@ -339,11 +336,12 @@ def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, 
         log.say(f"note: --warmup-steps {config.warmup_steps} is not shorter than the run "
                 f"({batches.total_steps} steps); warming up for {warmup} steps (10%) instead")
         config = replace(config, warmup_steps=warmup)
-    samples = make_samples(config, train_records, val_records, tokenizer, template, log)
-    if not val_examples:
-        return config, TrainingData(batches, None, samples)
-    val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options)
-    return config, TrainingData(batches, Validation(val_batches), samples)
+    samples = make_samples(config, loaded.train_records, loaded.val_records, tokenizer, template,
+                           log)
+    if not loaded.val_examples:
+        return config, TrainingData(batches, None, samples, loaded.described)
+    val_batches = make_batches(loaded.val_examples, config.batch_size, shuffle=False, **options)
+    return config, TrainingData(batches, Validation(val_batches), samples, loaded.described)
 
 
 @dataclass

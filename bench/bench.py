@@ -100,6 +100,10 @@ def parse_args(argv=None):
     a("--prompt-frac", type=fraction_below_one, default=0.3,
       help="share of each row masked as prompt (-100)")
     a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--fp8", action="store_true",
+      help="FP8 products for the seven projections (speed/fp8.py): LoRA's frozen base stored in "
+           "FP8, full fine-tuning's weights cast to FP8 each step; a GPU of compute capability "
+           ">= 8.9 (on a CPU torch emulates them: a smoke test)")
     a("--loss-chunk", type=non_negative_int, default=1024,
       help="positions per output-head chunk (0 = whole batch)")
     a("--precision", choices=["bf16", "fp16", "fp32"],
@@ -164,6 +168,12 @@ def main(argv=None):
     precision = a.precision or default_precision(a.device)
     low = PRECISIONS[precision]
     model = build(c, a.method, a.device, low, a.pure_bf16)
+    if a.fp8:  # before the adapters, as train_sft.build_model does
+        from speed.fp8 import check_fp8, use_fp8
+        if world > 1:
+            raise UserError("--fp8 runs in one process, not under torchrun")
+        check_fp8(a.method, precision, a.device, allow_cpu=True)
+        use_fp8(model, a.method, say=lambda line: print(line, file=sys.stderr))
     if a.method in ("lora", "qlora"):
         apply_lora(model, our_targets(a.lora_targets), r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0)
     model.grad_checkpointing = a.grad_ckpt
@@ -228,7 +238,7 @@ def main(argv=None):
             "loss": round(float(loss), 4), "trainable_params": trainable,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "compile": a.compile, "loss_chunk": a.loss_chunk, "pure_bf16": a.pure_bf16,
-            "adamw_state": a.adamw_state,
+            "adamw_state": a.adamw_state, "fp8": a.fp8,
             "estimate_gib": round(estimate, 2),
         }), flush=True)
     processes.exit()

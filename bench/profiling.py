@@ -21,7 +21,7 @@ import torch
 KERNEL_CLASSES = [
     ("attention", ("flash", "fmha", "sdpa", "attention", "scaled_dot_product")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "aten::mm", "aten::addmm",
-                "aten::bmm")),
+                "aten::bmm", "aten::_scaled_mm")),  # (_scaled_mm: --fp8's products)
     ("optimizer and clipping", ("multi_tensor", "adam", "_foreach", "clip_grad")),
     ("communication", ("nccl", "all_reduce", "all_gather", "reduce_scatter")),
     ("copies and fills", ("memcpy", "memset", "copy", "fill", "zero_", "catarray")),

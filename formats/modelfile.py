@@ -51,7 +51,8 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 def modelfile_text(gguf_name: str, tokenizer, template_name: str | None) -> str:
-    from data import TEMPLATES, default_system_prompt
+    from chat_template import default_system_prompt
+    from data import TEMPLATES
     lines = [f"FROM ./{gguf_name}", ""]
     template = GO_TEMPLATES.get(template_name)
     if template is not None:

@@ -117,10 +117,12 @@ def settings(config: dict) -> dict[str, str]:
     length = (f"{c['max_steps']} steps" if c.get("max_steps") else f"{c.get('epochs')} epochs")
     return {
         "model": str(c.get("checkpoint") or "the demo's tiny random model (--checkpoint tiny)"),
-        "data": str(c.get("data")),
+        "data": ", ".join(map(str, c["data"])) if isinstance(c.get("data"), list) else
+                str(c.get("data")),  # (a list: one per --data, each PATH or PATH:WEIGHT)
         "held out": str(held_out),
         "template": template,
-        "loss on": "prompt and answer" if c.get("train_on_prompt") else "answers only",
+        "loss on": ("prompt and answer" if c.get("train_on_prompt") else
+                    "the last answer" if c.get("train_on") == "last" else "answers only"),
         "method": described,
         "batch": (f"{c.get('batch_size')} examples × {c.get('grad_accum')} accumulation × "
                   f"{c.get('world_size', 1)} ranks, up to {c.get('seq_len')} tokens each"

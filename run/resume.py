@@ -1,9 +1,10 @@
 """What --resume compares: every setting that changes the trained weights, and the inputs by
 what they hold, so that a resumed run is the run it claims to continue (run/run_dir.py calls it).
 
-A data file is the same input when it holds the same bytes (size and sha256 in config.json),
-wherever it lies; a checkpoint or a tokenizer when it is the same path, resolved. A difference is
-named in the one error line, and config.json is not rewritten.
+A data file (or folder) is the same input when it holds the same bytes (size and sha256 in
+config.json), wherever it lies; several --data are compared one by one, with their weights; a
+checkpoint or a tokenizer when it is the same path, resolved. A difference is named in the one
+error line, and config.json is not rewritten.
 """
 import dataclasses
 import hashlib
@@ -11,15 +12,17 @@ import zipfile
 from pathlib import Path
 
 from errors import UserError
+from formats.data_files import data_paths
+from records import parse_source
 
 # Settings that change the trained weights and make a checkpoint meaningless for another value (the
 # model, its tokenizer, the data and how it is cut into steps, the adapters' shape, the precision):
 # a resumed run must use the same ones. Nested groups are flattened: TrainConfig's lora.r is
 # "lora_r" (see flat_settings).
-RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "template",
-                     "train_on_prompt", "method", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_targets", "lora_rslora", "lora_dora", "seq_len", "batch_size",
-                     "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
+RESUME_MUST_MATCH = ("checkpoint", "tokenizer", "data", "val_data", "val_split", "columns",
+                     "template", "train_on_prompt", "train_on", "method", "lora_r", "lora_alpha",
+                     "lora_dropout", "lora_targets", "lora_rslora", "lora_dora", "seq_len",
+                     "batch_size", "grad_accum", "weight_decay", "seed", "precision", "pure_bf16",
                      "adamw_state", "loss_chunk", "packing", "neftune_alpha", "world_size")
 # Settings a run may go on with after a change: how fast and how long it learns from here (a lower
 # --lr after a diverged run, a longer run). The weights from the checkpoint on are then not those
@@ -31,12 +34,15 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
 # lets a run go on at all (a compiler error, an out-of-memory error, another machine).
-# --early-stop decides only when the run ends, like a cadence: the steps it trains are the same.
-# (--neftune-alpha changes every step's inputs, as dropout does: it must match.)
+# --fp8 too: the products are rounded to 8 bits instead of 16, the weights and adapters are the
+# same ones (a run goes on without it on a GPU that has no FP8). --early-stop decides only when the
+# run ends, like a cadence: the steps it trains are the same. (--neftune-alpha changes every step's
+# inputs, as dropout does: it must match.)
 # Of these, the cadences, the sample prompts and --early-stop are noted in the history too
 # (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt",
-                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "early_stop")
+                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "fp8",
+                     "early_stop")
 RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "sample_tokens",
                                   "early_stop")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
@@ -77,27 +83,48 @@ def sha256_of(path: Path) -> str:
 
 def describe_inputs(settings: dict) -> dict:
     """Where the inputs are, resolved (so that another spelling of the same path is the same input),
-    and for the data files what they hold (size and sha256: a few seconds for gigabytes of data),
-    so that --resume notices a file that changed. A data file that does not exist is said here,
-    before anything about --out; any other fault of an input is left for the code that reads it."""
+    and for the data what it holds (size and sha256: a few seconds for gigabytes of data), so that
+    --resume notices a file that changed. "data" is a list, one entry per --data. A data file that
+    does not exist is said here, before anything about --out; any other fault of an input is left
+    for the code that reads it."""
     inputs = {}
     for name in INPUTS:
         given = settings.get(name)
         if not given:
             inputs[name] = None
-            continue
-        path = Path(given).resolve()
-        try:
-            found = path.exists()
-        except OSError as e:  # a name longer than the file system allows
-            raise UserError(f"cannot read --{name.replace('_', '-')} {given}: {e.strerror}") \
-                from None
-        if name in ("data", "val_data") and not found:
-            raise UserError(f"data file not found: {given}")  # (as records.load_records says it)
-        inputs[name] = {"path": str(path)}
-        if name in ("data", "val_data") and path.is_file():
-            inputs[name].update(bytes=path.stat().st_size, sha256=sha256_of(path))
+        elif name == "data":
+            inputs[name] = [describe_data(text, name) for text in given]
+        elif name == "val_data":
+            inputs[name] = describe_data(given, name)
+        else:
+            inputs[name] = {"path": str(resolved(given, name))}
     return inputs
+
+
+def resolved(given: str, name: str) -> Path:
+    path = Path(given).resolve()
+    try:
+        path.exists()
+    except OSError as e:  # a name longer than the file system allows
+        raise UserError(f"cannot read --{name.replace('_', '-')} {given}: {e.strerror}") from None
+    return path
+
+
+def describe_data(text: str, name: str) -> dict:
+    """{path, bytes, sha256} of a data file, or of a folder's data files together (the sha256 of
+    their names and sha256s, one "name sha256" line each); with "weight" when --data gave one."""
+    given, weight = parse_source(text)
+    path = resolved(given, name)
+    files = data_paths(given)  # (one line if it does not exist, as records.load_records says)
+    described = {"path": str(path), "bytes": sum(file.stat().st_size for file in files)}
+    if path.is_dir():
+        lines = "".join(f"{file.name} {sha256_of(file)}\n" for file in files)
+        described["sha256"] = hashlib.sha256(lines.encode()).hexdigest()
+    else:
+        described["sha256"] = sha256_of(path)
+    if weight is not None:
+        described["weight"] = weight
+    return described
 
 
 def check_resume(path: Path, old: dict, settings: dict, inputs: dict) -> dict:
@@ -164,13 +191,37 @@ def _setting(flat: dict, key: str) -> tuple[bool, object]:
 def input_difference(key: str, before, now, old_inputs: dict | None, new_inputs: dict):
     """Data files are the same when they hold the same bytes, wherever they are; a checkpoint or
     a tokenizer when it is the same path, resolved (hashing a model of gigabytes would be slow).
-    Returns how it differs, or None."""
+    "data" compares its sources in order. Returns how it differs, or None."""
     old_in = (old_inputs or {}).get(key)
     if old_inputs is None and before:  # a run of the previous version: only the path as given
-        old_in = {"path": str(Path(before).resolve())}
+        old_in = {"path": str(Path(before if isinstance(before, str) else before[0]).resolve())}
     new_in = new_inputs.get(key)
+    if key != "data":
+        return _one_difference(key, before, now, old_in, new_in)
+    before, now = _listed(before), _listed(now)  # (before: one path, in a previous version's run)
+    old_in, new_in = _listed(old_in), _listed(new_in)
+    if len(before) != len(now) or len(old_in) != len(new_in):
+        return f"{key} {_sources(before)} → {_sources(now)}"
+    for was, is_now, old_one, new_one in zip(before, now, old_in, new_in):
+        difference = _one_difference(key, was, is_now, old_one, new_one)
+        if difference:
+            return difference
+    return None
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _sources(texts: list) -> str:
+    return repr(texts[0]) if len(texts) == 1 else repr(texts)
+
+
+def _one_difference(key: str, before, now, old_in: dict | None, new_in: dict | None):
     if old_in is None or new_in is None:
         return None if old_in is new_in else f"{key} {before!r} → {now!r}"
+    if old_in.get("weight") != new_in.get("weight"):
+        return f"{key} {before!r} → {now!r}"
     if "sha256" in old_in and "sha256" in new_in:
         if (old_in["sha256"], old_in["bytes"]) == (new_in["sha256"], new_in["bytes"]):
             return None

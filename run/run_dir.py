@@ -138,13 +138,14 @@ def _config_problem(config: dict) -> str | None:
     if not isinstance(inputs, dict):
         return f"its inputs are a JSON {_json_kind(inputs)}, not an object"
     for name, described in inputs.items():
-        if described is None:
-            continue
-        if not isinstance(described, dict) or not isinstance(described.get("path"), str):
-            return f"its inputs.{name} is not an object with a path"
-        if "sha256" in described and not (isinstance(described["sha256"], str)
-                                          and type(described.get("bytes")) is int):
-            return f"its inputs.{name} has no size and sha256 as train_sft.py writes them"
+        for entry in described if isinstance(described, list) else [described]:  # (data: a list)
+            if entry is None:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                return f"its inputs.{name} is not an object with a path"
+            if "sha256" in entry and not (isinstance(entry["sha256"], str)
+                                          and type(entry.get("bytes")) is int):
+                return f"its inputs.{name} has no size and sha256 as train_sft.py writes them"
     for key, kind in (("history", list), ("effective", dict), ("lora", dict)):
         if key in config and not isinstance(config[key], kind):
             return f"its {key} is a JSON {_json_kind(config[key])}"
@@ -188,14 +189,16 @@ def refuse_inputs_inside(out: Path, settings: dict, inputs: dict):
     """--out must not be, or contain, a file or directory the run reads."""
     where = out.resolve()
     for name in INPUTS:
-        if inputs[name] is None:
-            continue
-        path = Path(inputs[name]["path"])
-        if path == where or where in path.parents:
-            flag = "--" + name.replace("_", "-")
-            relation = "is" if path == where else "contains"
-            raise UserError(f"--out {out} {relation} the {flag} {settings[name]}: a run never "
-                            "writes where its inputs are; choose another --out")
+        given, described = settings[name], inputs[name]
+        if not isinstance(described, list):  # (data is a list, one per --data)
+            given, described = [given], [described]
+        for text, entry in zip(given, described):
+            path = Path(entry["path"]) if entry else None
+            if path and (path == where or where in path.parents):
+                flag = "--" + name.replace("_", "-")
+                relation = "is" if path == where else "contains"
+                raise UserError(f"--out {out} {relation} the {flag} {text}: a run never writes "
+                                "where its inputs are; choose another --out")
 
 
 # ---------------------------------------------------------------- taking --out for this run
@@ -334,16 +337,16 @@ def undo_start(out: Path):
             return
 
 
-def record_effective(out: Path, given, effective):
+def record_effective(out: Path, given, effective, **found):
     """Settings the run had to change (--seq-len beyond the model's context, --warmup-steps longer
     than the run) go into config.json as "effective"; the given values stay where --resume
-    compares them."""
+    compares them. `found`: what loading found, such as each data source's counts."""
     before, after = settings_of(given), settings_of(effective)
     changed = {key: value for key, value in after.items() if before.get(key) != value}
-    if changed:
-        config = json.loads((out / CONFIG).read_text())
+    if changed or found:
+        config = {**json.loads((out / CONFIG).read_text()), **found}
         with writing(out / CONFIG):
-            write_json(out / CONFIG, {**config, "effective": changed})
+            write_json(out / CONFIG, {**config, "effective": changed} if changed else config)
 
 
 def first_line(e: Exception) -> str:

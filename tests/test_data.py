@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import ROOT, shared_path
 import data
 from batching import batch_efficiency, make_batches
-from data import (PROMPT_DICT, TEMPLATES, default_system_prompt, encode_dataset, encode_example,
-                  encode_prompt, format_example, get_template, main, percentile)
+from chat_template import default_system_prompt
+from data import (PROMPT_DICT, TEMPLATES, encode_dataset, encode_example, encode_prompt,
+                  format_example, get_template, main, percentile)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from records import load_records, split_train_val
@@ -650,7 +651,7 @@ def test_cli_show_0_prints_only_the_statistics(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     main(["--data", "examples/alpaca_demo.json", "--tokenizer", tokenizer, "--show", "0"])
     out = capsys.readouterr().out
-    assert "example" not in out and out.startswith("records 40: kept 40")
+    assert "example" not in out and out.startswith("records 40 (40 turns): kept 40")
 
 
 def test_format_example_marks_targets(llama2):
@@ -667,7 +668,7 @@ def test_cli(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "### Response:\n[[2 + 3 = 5.</s>]]" in run.stdout
-    assert "records 40: kept 40 (0 truncated to 512 tokens), dropped 0" in run.stdout
+    assert "records 40 (40 turns): kept 40 (0 truncated to 512 tokens), dropped 0" in run.stdout
     assert "padding efficiency at batch size 8, packed:" in run.stdout and "median" in run.stdout
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]')
@@ -675,7 +676,7 @@ def test_cli(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == f"error: {bad}: record 2: missing key 'output' (Alpaca records need " \
-                         "'instruction' and 'output'; chat records need 'messages')\n"
+                         "'instruction' and 'output'; the other formats: docs/data.md)\n"
     run = subprocess.run([sys.executable, "data.py", "--data", str(bad), "--tokenizer", tokenizer,
                           "--seq-len", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""  # a one-line error, not a traceback

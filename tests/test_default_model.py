@@ -92,11 +92,11 @@ def test_tiny_and_no_arguments_are_the_demo(tmp_path):
     arguments at all: the demo on its own data. Neither needs the cache."""
     mine = str(tmp_path / "mine.json")
     tiny = train_sft.parse_args(["--checkpoint", "tiny", "--data", mine])
-    assert tiny.checkpoint is None and tiny.data == mine
+    assert tiny.checkpoint is None and tiny.data == [mine]
     assert (tiny.method, tiny.lr, tiny.seq_len, tiny.epochs) == \
         (DEMO["method"], DEMO["lr"], DEMO["seq_len"], DEMO["epochs"])
     demo = train_sft.parse_args([])
-    assert demo.checkpoint is None and demo.data == str(DEMO_DATA)
+    assert demo.checkpoint is None and demo.data == [str(DEMO_DATA)]
     assert train_sft.parse_args(["--checkpoint", "tiny"]) == demo
 
 

@@ -460,9 +460,10 @@ def test_data_nested_too_deeply(tmp_path):
 def test_data_that_is_not_a_regular_file(tmp_path):
     from records import load_records
     assert one_line_error(load_records, "/dev/zero") == (
-        "/dev/zero is not a regular file (a directory, a device or a pipe); data is a JSON or "
-        "JSON Lines file")
-    assert one_line_error(load_records, tmp_path).startswith(f"{tmp_path} is not a regular file")
+        "/dev/zero is not a regular file (a device or a pipe); data is a file of records (JSON, "
+        "JSON Lines, CSV, TSV or Parquet) or a folder of them")
+    assert one_line_error(load_records, tmp_path).startswith(f"{tmp_path} is a folder with no "
+                                                             "data file in it")
 
 
 def test_a_split_that_leaves_no_training_record(tmp_path):

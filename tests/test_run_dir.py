@@ -171,8 +171,9 @@ def test_a_new_run_directory_is_marked_as_ours(train, tmp_path):
     train_sft.main(demo_argv(train, out))
     config = json.loads((out / "config.json").read_text())
     assert config["run_format"] == 1
-    assert config["inputs"]["data"] == {"path": str(train.resolve()), "bytes": train.stat().st_size,
-                                        "sha256": resume.sha256_of(train)}
+    assert config["inputs"]["data"] == [{"path": str(train.resolve()),
+                                         "bytes": train.stat().st_size,
+                                         "sha256": resume.sha256_of(train)}]
     assert config["lr"] == 2e-3 and config["out"] == str(out)  # the settings themselves, as before
 
 

@@ -342,9 +342,10 @@ def edit_config(out: Path, edit):
     (lambda c: c.update(inputs=["train.json"]), "its inputs are a JSON list, not an object"),
     (lambda c: c["inputs"].update(data="train.json"), "its inputs.data is not an object with a "
                                                       "path"),
-    (lambda c: c["inputs"]["data"].update(path=3), "its inputs.data is not an object with a path"),
-    (lambda c: c["inputs"]["data"].update(bytes="big"), "its inputs.data has no size and sha256 as "
-                                                      "train_sft.py writes them"),
+    (lambda c: c["inputs"]["data"][0].update(path=3), "its inputs.data is not an object with a "
+                                                      "path"),
+    (lambda c: c["inputs"]["data"][0].update(bytes="big"), "its inputs.data has no size and sha256 "
+                                                         "as train_sft.py writes them"),
     (lambda c: c.update(history={"step": 1}), "its history is a JSON object"),
     (lambda c: {"lr": 0.002}, "not a run's settings: it lacks run_format"),
     (lambda c: [c], "a JSON list, not a run's settings"),
