@@ -119,7 +119,7 @@ def compiled_loss_and_grad():
 ACTIVATION_MEMORY_BUDGET = 0.8
 
 
-def compile_for_training(model):
+def compile_for_training(model, mode: str | None = None):
     """torch.compile each block's forward for training (one graph, reused by every layer, so it
     compiles quickly) and the chunk loss. Hooks around a block (FSDP's gathers under torchrun)
     stay outside the compiled graph. Generation with a KV cache runs the blocks eagerly: each
@@ -127,11 +127,11 @@ def compile_for_training(model):
     every layer (and flood the log with recompile warnings) just to print a sample.
 
     The compiled backward also recomputes what is cheap to recompute instead of storing it:
-    see ACTIVATION_MEMORY_BUDGET."""
+    see ACTIVATION_MEMORY_BUDGET. `mode` is torch.compile's (bench.py --compile-mode)."""
     # (a setting of torch.compile's partitioner: for every graph compiled after it)
     partitioner_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     for block in model.layers:
-        block.forward = training_only(torch.compile(block.forward), block.forward)
+        block.forward = training_only(torch.compile(block.forward, mode=mode), block.forward)
     model.compiled = True
     # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
     if torch.cuda.is_available():
