@@ -3,6 +3,7 @@ that fills it (train_sft.py's flags). out/config.json holds a run's TrainConfig,
 
     python train_sft.py --help      # every flag, its help and its default
 """
+from argparse import BooleanOptionalAction
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class TrainConfig:
     grad_ckpt: bool = False
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
-    compile: bool = False
+    compile: bool | None = None      # None: on a GPU (resolved in parse_args)
+    cuda_graphs: bool | None = None  # None: on a GPU where the run allows (speed/cuda_graphs.py)
+    pad_to_multiple_of: int | None = None  # None: 64 with CUDA graphs (a few widths), else 1
     loss_chunk: int = 1024
     packing: bool = False
     resume: bool = False
@@ -78,7 +81,12 @@ class TrainConfig:
 # offline, not a useful model. --data alone trains a real one (formats/default_model.py).
 DEMO = dict(data=str(DEMO_DATA), method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
-            loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
+            loss_chunk=0,  # 258 tokens of vocabulary: the plain loss, model.py's
+            compile=False, cuda_graphs=False)  # a run of seconds: nothing to win back
+# CUDA graphs replay one recorded graph per batch width: widths rounded up to a multiple of this
+# come in a few sizes (Alpaca's up to 512 tokens: 8), each recorded once, for at most 63 tokens
+# of padding a row.
+GRAPH_WIDTH_MULTIPLE = 64
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
@@ -149,7 +157,14 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--adamw-state", choices=["fp32", "bf16"], default=d.adamw_state,
       help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
-    a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
+    a("--compile", action=BooleanOptionalAction, help="torch.compile each transformer block "
+      "and the loss: a one-time cost at the start, then faster steps (default: on a GPU)")
+    a("--cuda-graphs", action=BooleanOptionalAction, help="record each batch shape's forward "
+      "and backward pass once as a CUDA graph and replay it: one launch instead of thousands, for "
+      "small models (default: on a GPU, except for QLoRA, fp16, --grad-ckpt and torchrun)")
+    a("--pad-to-multiple-of", type=positive_int, help="round each batch's width up to a "
+      f"multiple of this, so batches come in a few shapes (default: {GRAPH_WIDTH_MULTIPLE} with "
+      "CUDA graphs, else 1)")
     a("--loss-chunk", type=non_negative_int, default=d.loss_chunk,
       help="positions per chunk of the output-head loss; 0 = model.py's plain loss, all at "
       "once. Chunking (speed/fused_loss.py) gives the same loss without the batch·seq × vocab "
@@ -175,6 +190,7 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     config = TrainConfig(**values, lora=lora)
     if config.precision is None:
         config.precision = default_precision(config.device)
+    resolve_speed(config)
     if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
         raise UserError("--pure-bf16 is for --method full with --precision bf16 (a GPU's default)")
     if config.adamw_state == "bf16" and (config.method != "full" or config.pure_bf16):
@@ -184,3 +200,18 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
         raise UserError("--precision fp16 needs a GPU (for its loss scaling): use bf16 or fp32")
     parse_targets(config.lora.targets)
     return config
+
+
+def resolve_speed(config: TrainConfig):
+    """--compile, --cuda-graphs and --pad-to-multiple-of left out: on a GPU each is on where it
+    applies (a GPU launches kernels faster than a CPU; on a CPU they would only add time)."""
+    from speed.cuda_graphs import cuda_graphs_refusal
+    refusal = cuda_graphs_refusal(config)
+    if config.cuda_graphs and refusal:
+        raise UserError(f"--cuda-graphs needs {refusal}")
+    if config.cuda_graphs is None:
+        config.cuda_graphs = refusal is None
+    if config.compile is None:
+        config.compile = config.device.startswith("cuda")
+    if config.pad_to_multiple_of is None:
+        config.pad_to_multiple_of = GRAPH_WIDTH_MULTIPLE if config.cuda_graphs else 1

@@ -30,10 +30,12 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
-# lets a run go on at all (a compiler error, an out-of-memory error, another machine).
+# lets a run go on at all (a compiler error, an out-of-memory error, another machine). So do
+# --cuda-graphs (the same kernels, replayed) and --pad-to-multiple-of (the same batches, with more
+# padding, which the loss masks).
 # Of these, the cadences and the sample prompt are noted in the history too (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt", "merge",
-                     "device", "grad_ckpt", "compile")
+                     "device", "grad_ckpt", "compile", "cuda_graphs", "pad_to_multiple_of")
 RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length
 INPUTS = ("checkpoint", "tokenizer", "data", "val_data")  # compared by where they are, not as text

@@ -21,6 +21,8 @@ QLoRA's embedding in CPU memory, fp16's loss scaling, activation checkpointing o
 (use_cuda_graphs says why when it declines). Dropout works: the graph advances the random
 generator at each replay.
 """
+import os
+
 import torch
 
 INPUTS = ("tokens", "labels", "positions", "doc_ids")
@@ -36,7 +38,7 @@ def cuda_graphs_refusal(config) -> str | None:
         return "--precision bf16 or fp32 (fp16's loss scaling skips steps on the CPU's word)"
     if config.grad_ckpt:
         return "no --grad-ckpt"
-    if config.world_size > 1:
+    if config.world_size > 1 or "RANK" in os.environ:  # (torchrun sets RANK: start_distributed)
         return "one process (not torchrun)"
     return None
 
