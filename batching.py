@@ -8,6 +8,7 @@ less, and packing several examples into each row wastes almost none, at the pric
 block-diagonal attention mask (model.Transformer.hidden_states builds it from doc_ids).
 """
 import bisect
+import math
 import random
 
 import torch
@@ -120,9 +121,11 @@ class StepBatches:
 
     Micro-batch i of the run is batch i % per_epoch of epoch i // per_epoch, and each epoch's
     batches are make_batches(..., seed, epoch): the same step always gets the same data, so a run
-    resumed at step k continues exactly where it stopped."""
+    resumed at step k continues exactly where it stopped. The run lasts `max_steps` optimizer
+    steps, or (None) as many as `epochs` passes over the data take."""
 
-    def __init__(self, examples: list, batch_size: int, per_step: int, **options):
+    def __init__(self, examples: list, batch_size: int, per_step: int, epochs: float = 1.0,
+                 max_steps: int | None = None, **options):
         self.examples = examples
         self.batch_size = batch_size
         self.per_step = per_step
@@ -132,6 +135,7 @@ class StepBatches:
         self.per_epoch = len(self.batches)
         # the widest batch (every epoch has the longest example, so the same width)
         self.longest = max(batch["tokens"].shape[1] for batch in self.batches)
+        self.total_steps = max_steps or max(1, math.ceil(epochs * self.per_epoch / per_step))
 
     def for_step(self, step: int) -> list[dict]:
         first = step * self.per_step

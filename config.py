@@ -4,7 +4,7 @@ that fills it (train_sft.py's flags). out/config.json holds a run's TrainConfig,
     python train_sft.py --help      # every flag, its help and its default
 """
 from argparse import BooleanOptionalAction
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import data
@@ -91,6 +91,13 @@ DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidd
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
 
+def from_flags(settings, flags, prefix: str = "", **given):
+    """A settings dataclass filled from the parsed flags of its fields' names (--lora-r fills
+    LoRASettings.r with prefix "lora_"); `given` fills the rest."""
+    return settings(**given, **{f.name: getattr(flags, prefix + f.name) for f in fields(settings)
+                                if f.name not in given and hasattr(flags, prefix + f.name)})
+
+
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     """The flags, each a field of TrainConfig with its default; every value checked.
     `description` is what --help prints first (train_sft.py's docstring)."""
@@ -121,8 +128,9 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="dropout on the LoRA input")
     a("--lora-targets", default=d.lora.targets,
       help="layers to adapt: any of q,k,v,o,gate,up,down,head, or all")
-    a("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
-    a("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
+    a("--rslora", action="store_true", dest="lora_rslora",
+      help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    a("--dora", action="store_true", dest="lora_dora", help="weight-decomposed LoRA (DoRA)")
     a("--seq-len", type=positive_int, default=d.seq_len,
       help="max tokens per example; longer ones are truncated")
     a("--batch-size", type=positive_int, default=d.batch_size, help="examples per micro-batch")
@@ -181,13 +189,11 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     elif args.checkpoint is None:  # --data alone: a real pretrained model
         data_file(args.data)  # (a mistyped --data is said before a download, not after)
         args.checkpoint = str(default_model.fetch())
-    values = vars(args)
-    lora = LoRASettings(r=values.pop("lora_r"), alpha=values.pop("lora_alpha"),
-                        dropout=values.pop("lora_dropout"), targets=values.pop("lora_targets"),
-                        rslora=values.pop("rslora"), dora=values.pop("dora"))
-    if not values["data"]:
+    if not args.data:
         raise UserError("--data is required with --checkpoint")
-    config = TrainConfig(**values, lora=lora)
+    config = from_flags(TrainConfig, args, lora=from_flags(LoRASettings, args, prefix="lora_"))
+    unused = set(vars(args)) - set(vars(config)) - {"lora_" + name for name in vars(config.lora)}
+    assert not unused, f"flags that fill no setting: {unused}"  # (a new flag needs its field)
     if config.precision is None:
         config.precision = default_precision(config.device)
     resolve_speed(config)

@@ -3,7 +3,7 @@
     python train_sft.py                                       # the demo: a tiny model, no downloads
     python train_sft.py --data alpaca.json                    # LoRA on SmolLM2-135M-Instruct
     python train_sft.py --checkpoint DIR --data alpaca.json   # LoRA on your model
-    torchrun --nproc_per_node=2 train_sft.py ...              # the same on 2 GPUs (distributed.py)
+    torchrun --nproc_per_node=2 train_sft.py ...              # on 2 GPUs: run/distributed.py
 
 One optimizer step:
     for each of --grad-accum micro-batches:
@@ -16,8 +16,6 @@ exactly the gradient of one batch of 8 (each token weighs the same, whichever mi
 fell in); dividing each micro-batch by its own count would not.
 """
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -36,133 +34,149 @@ from lora import apply_lora, count_parameters, merge_lora, parse_targets
 from run.memory import estimate_memory, memory_line, peak_gib, peak_memory_line
 from model import IGNORE_INDEX, PRECISIONS, Transformer, next_token_targets
 from records import load_records, split_train_val
-from run.run_dir import load_state, prepare_out, record_effective, save_state, undo_start
+from run.processes import ONE_PROCESS, start_processes
+from run.run_dir import load_state, prepare_out, record_effective, undo_start
 from run.run_metrics import Log, drop_metrics_after, plot_losses
+from run.stop import STOP
+from run.training_run import TrainingRun
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
 def main(argv=None):
     config = parse_args(argv, description=__doc__)
-    dist = start_distributed()  # torchrun: data parallel (run/distributed.py); otherwise None
-    if dist:
-        config = replace(config, device=dist.device, world_size=dist.world)
-    if dist and config.adamw_state == "bf16":  # (optim.py does not handle FSDP's sharded weights)
+    processes = start_processes(config.device)  # one, or one per GPU under torchrun
+    config = replace(config, device=processes.device, world_size=processes.world)
+    if processes.world > 1 and config.adamw_state == "bf16":  # (speed/optim.py: not for FSDP)
         raise UserError("--adamw-state bf16 runs in one process, not under torchrun")
-    log = Log(quiet=dist is not None and not dist.is_main)  # one rank speaks
+    log = Log(quiet=not processes.is_main)  # one process speaks
     tokenizer = config_tokenizer(config)  # read once: the template and the model both need it
     config = resolve_template(config, tokenizer, log)
-    out = prepare_out(config, write=log.speaks)  # refuses an --out that holds anything else
+    # --out is checked (and locked) before the model loads: a mistake is said in a second, not
+    # after minutes of loading an 8B model
+    run = TrainingRun(prepare_out(config, write=log.speaks), log, processes)
     STOP.listen()
     try:
         torch.manual_seed(config.seed)
         model = build_model(config, tokenizer, log)
         given = config
-        config, batches, validation = load_data(config, tokenizer, model, log)
+        config, train_data = load_data(config, tokenizer, model, log)
         if log.speaks:
-            record_effective(out, given, config)  # what load_data had to change, beside the given
-        if dist:
-            dist.parallelize(model, shard=config.method == "full")
-            torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks
+            record_effective(run.out, given, config)  # what load_data changed, beside the given
+        processes.parallelize(model, shard=config.method == "full")
+        torch.manual_seed(config.seed + processes.rank)  # each process its own dropout masks
         if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
-            from speed.fused_loss import compile_for_training
+            from speed.fused_loss import COMPILE_NOTE, compile_for_training
             compile_for_training(model)
-        memory = estimate_memory(model, replace(config, seq_len=batches.longest))
+            log.say(COMPILE_NOTE)
+        if config.cuda_graphs:  # each batch shape's forward and backward recorded once, replayed
+            from speed.cuda_graphs import use_cuda_graphs
+            use_cuda_graphs(model, lambda m, batch: batch_loss(m, batch, config.device,
+                                                               config.precision, config.loss_chunk))
+        memory = estimate_memory(model, replace(config, seq_len=train_data.batches.longest))
         log.say(memory_line(memory, config.device))
         optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
                                    config.adamw_state)
-        scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        step = load_state(out, model, optimizer, scaler, dist) if config.resume else 0
+        scaler = loss_scaler(config)
+        step = load_state(run.out, model, optimizer, scaler, processes) if config.resume else 0
         if config.resume and log.speaks:
-            drop_metrics_after(out, step)
+            drop_metrics_after(run.out, step)
     except BaseException:  # the start failed: take back what prepare_out created
         if log.speaks:
-            undo_start(out)
+            undo_start(run.out)
         raise
-    train(model, optimizer, scaler, batches, validation, config, out, log, step, dist)
+    train(model, optimizer, scaler, train_data, config, run, step)
     log.say(peak_memory_line(memory, config.device))
-    if dist:  # rank 0 writes the results from an unsharded copy; the other ranks get None
-        model = dist.gather_model(model, optimizer, build=lambda: build_model(
-            replace(config, device="cpu"), tokenizer, Log(quiet=True)))
+    # under torchrun, rank 0 writes the results from an unsharded copy; the other ranks get None
+    model = processes.gather_model(model, optimizer, build=lambda: build_model(
+        replace(config, device="cpu"), tokenizer, Log(quiet=True)))
     if model is not None:
-        finish(config, out, model, tokenizer)
-    if dist:
-        dist.exit()
+        finish(config, run.out, model, tokenizer)
+    processes.exit()
 
 
-def train(model, optimizer, scaler, batches, validation, config, out, log, step, dist=None):
+def loss_scaler(config: TrainConfig):
+    """fp16's loss scaling (a GradScaler); for bf16 and fp32, one that does nothing."""
+    return torch.amp.GradScaler(torch.device(config.device).type,
+                                enabled=config.precision == "fp16")
+
+
+NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def train(model, optimizer, scaler, train_data, config, run, step):
     """The loop: one optimizer step per iteration; a checkpoint and an evaluation every so often."""
-    total = batches.total_steps
-    if validation and step == 0:  # where training starts from, to compare the evaluations with
-        log.evaluation(0, *validation.run(model, config), out)
-    log.start(total, step)
+    total = train_data.batches.total_steps
+    if train_data.validation and step == 0:  # where training starts from, for comparison
+        run.evaluation(0, *train_data.validation.run(model, config))
+    run.start(total, step)
     model.train()
     STOP.at_step_end = True
-    saved = None  # the step of the last save, so that a signal right after it does not save again
     try:
         while step < total:
             lr = lr_at(step, config.lr, config.warmup_steps, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = batches.for_step(step)
+            micro = train_data.batches.for_step(step)
             n_targets = sum(count_targets(b) for b in micro)  # the loss is a mean over these
             real_tokens = sum(int(b["lengths"].sum()) for b in micro)  # for tokens/s: no padding
-            if dist:  # this rank's part of the step (and its divisor: see Distributed.share)
-                micro, n_targets = dist.share(micro, n_targets)
+            micro, n_targets = run.processes.share(micro, n_targets)  # torchrun: this rank's part
             started = time.perf_counter()
-            sync = dist.gradient_sync if dist else None
-            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler, sync)
+            loss, grad_norm = train_step(model, optimizer, micro, n_targets, config, scaler,
+                                         run.processes)
             seconds = time.perf_counter() - started  # the step alone, not evaluations or saves
-            if dist:
-                loss = dist.mean(loss)
-            diverged = not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm))
-            if diverged:  # (fp16's loss scaling skips an overflowing step by itself: not an error)
-                raise UserError(nan_message(loss, grad_norm, step, config, out))
+            loss = run.processes.mean(loss)
+            # (fp16's loss scaling skips an overflowing step by itself: not an error)
+            if not math.isfinite(loss) or not (scaler.is_enabled() or math.isfinite(grad_norm)):
+                raise UserError(nan_message(loss, grad_norm, step, config, run.out))
             step += 1
-            log.step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            run.step({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": round(real_tokens / max(seconds, 1e-9)),
-                      "peak_mem_gib": peak_gib(config)}, out)
+                      "peak_mem_gib": peak_gib(config)})
             if step % config.save_every == 0 or step == total:  # before evaluating: nothing lost
-                save_state(out, model, optimizer, scaler, step, dist)
-                saved = step
-            if validation and (step % config.eval_every == 0 or step == total):
-                log.evaluation(step, *validation.run(model, config), out)
-            if STOP.requested_by_any(dist):  # a signal came during this step, now whole
+                run.save(model, optimizer, scaler, step)
+            if train_data.validation and (step % config.eval_every == 0 or step == total):
+                run.evaluation(step, *train_data.validation.run(model, config))
+            if STOP.requested_by_any(run.processes):  # a signal came during this step, now whole
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (StopSignals): save, say how to go on
-        log.close()
-        if saved != step:
-            save_state(out, model, optimizer, scaler, step, dist)
-        print(f"\ninterrupted: saved step {step} to {out / 'checkpoint.pt'}; continue with the "
-              "same command plus --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run/stop.py): save, say how to go on
+        run.close()
+        if run.saved_step != step:
+            run.save(model, optimizer, scaler, step)
+        print(f"\ninterrupted: saved step {step} to {run.out / 'checkpoint.pt'}; continue with "
+              "the same command plus --resume", file=sys.stderr)
         sys.exit(130)
     finally:
         STOP.at_step_end = False  # from here on a signal stops at once
-    log.close()
+    run.close()
 
 
-def train_step(model, optimizer, micro_batches, n_targets, config, scaler=None, sync=None):
+def train_step(model, optimizer, micro_batches, n_targets, config, scaler=NO_LOSS_SCALING,
+               processes=ONE_PROCESS):
     """One optimizer step over the accumulated micro-batches: (mean loss per target, grad norm).
-    n_targets counts the target tokens of the whole step. (Under torchrun: see Distributed.share,
-    and `sync` averages the ranks' gradients when FSDP does not.)"""
+    n_targets counts the target tokens of the whole step. (Under torchrun: see Distributed.share
+    and sync_gradients.) fp16 scales the loss up so that small gradients do not underflow to 0,
+    and unscales the gradients before clipping; otherwise `scaler` does nothing."""
     total = 0.0
+    graphs = getattr(model, "cuda_graphs", None)  # speed/cuda_graphs.py (--cuda-graphs)
     for batch in micro_batches:
+        if graphs:  # the same forward and backward, replayed from the batch shape's CUDA graph
+            total += graphs.run(batch, n_targets)
+            continue
         loss_sum = batch_loss(model, batch, config.device, config.precision, config.loss_chunk)
         loss = loss_sum / max(n_targets, 1)
-        (scaler.scale(loss) if scaler else loss).backward()  # gradients add up over micro-batches
+        scaler.scale(loss).backward()  # gradients add up over micro-batches
         total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if sync:
-        sync(params)
-    if scaler:
-        scaler.unscale_(optimizer)  # the true gradients, for clipping
+    processes.sync_gradients(params)
+    scaler.unscale_(optimizer)  # (fp16) the true gradients, for clipping
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).item())  # over all ranks
-    if scaler:
-        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed, and lowers the scale
+    # A NaN/inf gradient (a NaN loss) must not reach the weights; fp16's scaler skips such a step
+    # itself, and lowers its scale
+    if scaler.is_enabled() or math.isfinite(grad_norm):
+        scaler.step(optimizer)
         scaler.update()
-    elif math.isfinite(grad_norm):  # a NaN/inf gradient (a NaN loss) must not reach the weights
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=graphs is None)  # (the graphs add into the same tensors)
     return float(total), grad_norm
 
 
@@ -223,9 +237,9 @@ def make_optimizer(model, lr, weight_decay, device, adamw_state="fp32"):
 # -- Setting up: the model, the data --------------------------------------------------------------
 
 def build_model(config: TrainConfig, tokenizer, log):
-    """The model, checked against its tokenizer. LoRA keeps the frozen base in bf16/fp16 (half the memory of fp32), QLoRA
-    in NF4 (a quarter of that); trainable weights (LoRA matrices, or everything for full
-    fine-tuning) stay float32."""
+    """The model, checked against its tokenizer. LoRA keeps the frozen base in bf16/fp16 (half
+    the memory of fp32), QLoRA in NF4 (a quarter of that); trainable weights (LoRA matrices, or
+    everything for full fine-tuning) stay float32."""
     if config.method == "full":  # the trained weights: float32 master weights, or bf16 throughout
         base_dtype = torch.bfloat16 if config.pure_bf16 else torch.float32
     else:  # the frozen base: in the compute precision (QLoRA: NF4, computing in that precision)
@@ -276,10 +290,18 @@ def resolve_template(config: TrainConfig, tokenizer, log) -> TrainConfig:
     return replace(config, template=data.template_spec(template))
 
 
-def load_data(config: TrainConfig, tokenizer, model, log):
+@dataclass
+class TrainingData:
+    """What the loop reads: the micro-batches of every step, and what each evaluation looks at
+    (None without validation data)."""
+    batches: StepBatches
+    validation: "Validation | None"
+
+
+def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, TrainingData]:
     """Records → (input_ids, labels) → the batches of every step. Returns the config (with what
-    had to change: a --seq-len past the model's context, a warmup longer than the run), the step
-    batches, and the Validation of each evaluation (None without validation data)."""
+    had to change: a --seq-len past the model's context, a warmup longer than the run) and the
+    TrainingData."""
     context = model.config.max_seq_len
     if config.seq_len > context:
         log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; "
@@ -301,11 +323,11 @@ def load_data(config: TrainConfig, tokenizer, model, log):
     log.say(f"data: {stats['records']} training records → {stats['kept']} kept, "
             f"{stats['truncated']} truncated, {stats['dropped']} dropped; "
             f"{len(val_examples)} validation examples")
-    options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing)
+    options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing,
+                   pad_to_multiple_of=config.pad_to_multiple_of)
     per_step = config.grad_accum * config.world_size  # micro-batches per optimizer step, all ranks
-    batches = StepBatches(train_examples, config.batch_size, per_step, seed=config.seed, **options)
-    batches.total_steps = config.max_steps or max(1, math.ceil(config.epochs * batches.per_epoch
-                                                               / per_step))
+    batches = StepBatches(train_examples, config.batch_size, per_step, config.epochs,
+                          config.max_steps, seed=config.seed, **options)
     log.say(f"batches: {batches.per_epoch} micro-batches per epoch, {batches.total_steps} "
             f"optimizer steps (batch {config.batch_size} × accumulation {config.grad_accum} × "
             f"{config.world_size} ranks), {100 * batch_efficiency(batches.batches):.1f}% of batch "
@@ -316,7 +338,7 @@ def load_data(config: TrainConfig, tokenizer, model, log):
                 f"({batches.total_steps} steps); warming up for {warmup} steps (10%) instead")
         config = replace(config, warmup_steps=warmup)
     if not val_examples:
-        return config, batches, None
+        return config, TrainingData(batches, None)
     # The prompt answered at each evaluation: a held-out one, except in the demo, whose tiny model
     # can only memorise, so there it answers a training prompt.
     prompt = config.sample_prompt
@@ -324,7 +346,7 @@ def load_data(config: TrainConfig, tokenizer, model, log):
         prompt = train_records[0] if config.checkpoint is None else val_records[0]
     prompt_ids = sample_prompt_ids(prompt, tokenizer, template, config.seq_len, log)
     val_batches = make_batches(val_examples, config.batch_size, shuffle=False, **options)
-    return config, batches, Validation(val_batches, tokenizer, prompt_ids)
+    return config, TrainingData(batches, Validation(val_batches, tokenizer, prompt_ids))
 
 
 def sample_prompt_ids(prompt, tokenizer, template, seq_len: int, log) -> list[int]:
@@ -387,50 +409,6 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
 
 
 # -- Around the loop ------------------------------------------------------------------------------
-
-def start_distributed():
-    """A distributed.Distributed when torchrun started this process (it sets RANK and WORLD_SIZE),
-    else None. run/distributed.py is imported only then."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    from run.distributed import Distributed
-    return Distributed()
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster job's time limit) stop the run. While the
-    loop trains (at_step_end), a signal only asks: the loop finishes the step in progress, saves it
-    and exits. Stopping in the middle of a step would save the random state after the step had
-    drawn some of its dropout masks (or weights that AdamW had half updated), and --resume would
-    not redo that step as an uninterrupted run does. Elsewhere (loading, writing the results) a
-    signal stops at once. A second signal is ignored: the first is being handled (raising again
-    in the middle of the save, or in Python's exit handlers, would print a traceback)."""
-
-    def __init__(self):
-        self.requested = False
-        self.at_step_end = False
-
-    def listen(self):
-        self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            return
-        self.requested = True
-        if not self.at_step_end:
-            raise KeyboardInterrupt
-
-    def requested_by_any(self, dist=None) -> bool:
-        """Under torchrun every rank stops at the same step, whichever got the signal first."""
-        if dist:
-            return dist.mean(float(self.requested)) > 0
-        return self.requested
-
-
-STOP = StopSignals()
-
 
 def nan_message(loss, grad_norm, step, config, out) -> str:
     what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"

@@ -33,7 +33,8 @@ from model import (DEFAULT_PRECISION, IGNORE_INDEX, PRECISIONS, PRESETS, ModelCo
                    default_precision)
 from projections import PROJECTIONS, is_target, replace_module
 from speed.quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
-from train_sft import (TrainConfig, batch_loss, count_targets, make_optimizer, start_distributed,
+from run.processes import start_processes
+from train_sft import (TrainConfig, batch_loss, count_targets, loss_scaler, make_optimizer,
                        train_step)
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
@@ -205,14 +206,13 @@ def profile_step(step, c, a, sync, cuda):
 def main(argv=None):
     a = parse_args(argv)
 
-    dist = start_distributed()  # torchrun: FSDP2 data parallel, as in train_sft.py
-    if dist:
-        a.device = dist.device
-    world = dist.world if dist else 1
+    processes = start_processes(a.device)  # torchrun: FSDP2 data parallel, as in train_sft.py
+    a.device = processes.device
+    world = processes.world
 
     if a.pure_bf16 and a.method != "full":
         raise UserError("--pure-bf16 is for --method full")
-    if a.adamw_state == "bf16" and (a.method != "full" or a.pure_bf16 or dist):
+    if a.adamw_state == "bf16" and (a.method != "full" or a.pure_bf16 or world > 1):
         raise UserError("--adamw-state bf16 is for --method full with float32 weights, in one "
                         "process")
     c = ModelConfig.from_name(a.shape)
@@ -234,8 +234,7 @@ def main(argv=None):
                            adamw_state=a.adamw_state, world_size=world)
     # what train_sft.py prints before training
     estimate = estimate_memory(model, settings)["total"]
-    if dist:
-        dist.parallelize(model, shard=a.method == "full")
+    processes.parallelize(model, shard=a.method == "full")
     if a.compile:
         compile_for_training(model, mode=None if a.compile_mode == "default" else a.compile_mode)
     if a.cuda_graphs:
@@ -247,14 +246,14 @@ def main(argv=None):
                                                            a.loss_chunk))
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, a.device, a.adamw_state)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = loss_scaler(settings)
 
     B, S = a.batch_size, a.seq_len
     if a.lengths:
         batches = length_batches(a, c.vocab_size)
         step_batches = batches.for_step
     else:
-        g = torch.Generator(a.device).manual_seed(dist.rank if dist else 0)  # a batch per rank
+        g = torch.Generator(a.device).manual_seed(processes.rank)  # each rank its own batch
         tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
         labels = tokens.clone()
         labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
@@ -265,42 +264,41 @@ def main(argv=None):
     def step(i, micro=None):
         micro = micro or step_batches(i)
         n_targets = sum(count_targets(b) for b in micro)  # per rank: see Distributed.share
-        loss = train_step(model, optimizer, micro, n_targets, settings, scaler,
-                          sync=dist and dist.gradient_sync)[0]
-        return dist.mean(loss) if dist else loss
+        loss = train_step(model, optimizer, micro, n_targets, settings, scaler, processes)[0]
+        return processes.mean(loss)
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for i in range(a.warmup):
         step(i)
-    timed = range(a.warmup, a.warmup + a.steps)
+    # the timed steps' micro-batches, made before the clock starts
+    timed = [step_batches(i) for i in range(a.warmup, a.warmup + a.steps)]
     if a.lengths:  # every batch shape once before timing: compiling and recording come first
-        for micro in first_of_each_shape([b for i in timed for b in step_batches(i)]):
+        for micro in first_of_each_shape([batch for micro in timed for batch in micro]):
             step(None, [micro])
     sync()
     warmup_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, real_tokens = [], 0
+    real_tokens = sum(int(batch["lengths"].sum()) for micro in timed for batch in micro)
+    losses = []
     t0 = time.perf_counter()
-    for i in timed:
-        losses.append(step(i))
-        real_tokens += sum(int(b["lengths"].sum()) for b in step_batches(i))
+    for micro in timed:
+        losses.append(step(None, micro))
     sync()
     dt = time.perf_counter() - t0
 
     if a.profile:
-        profile_step(lambda: step(timed[-1]), c, a, sync, cuda)
+        profile_step(lambda: step(None, timed[-1]), c, a, sync, cuda)
 
     tok_s = real_tokens * world / dt  # all GPUs together
     loss = sum(losses) / len(losses)
     if a.lengths:  # attention's FLOPs grow with the length: the examples' mean
         S = sum(len(ids) for ids, _ in batches.examples) / len(batches.examples)
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
-    if dist:
-        dist.close()
-    if dist is None or dist.is_main:
+    processes.close()  # (torchrun: every rank finished measuring)
+    if processes.is_main:
         lora_r = None if a.method == "full" else a.lora_r
         peak_mem_gib = None  # per GPU; nothing measures it on a CPU
         if cuda:
@@ -320,8 +318,7 @@ def main(argv=None):
             "estimate_gib": round(estimate, 2), **lengths_fields(a, batches if a.lengths else None,
                                                                  warmup_s),
         }), flush=True)
-    if dist:
-        dist.exit()
+    processes.exit()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ ranks (`share`), averages the logged loss over them (`mean`), and at the end ran
 results from an unsharded copy of the model (`gather_model`).
 
 train_sft.py imports this module only when torchrun started it (RANK/WORLD_SIZE are set: see
-train_sft.start_distributed, which bench/bench.py uses too).
+run/processes.py, whose OneProcess has the same methods for a run without torchrun).
 """
 import os
 import sys
@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 
 class Distributed:
-    gradient_sync = None  # what train_step calls before clipping: see parallelize
+    averages_gradients = False  # LoRA: sync_gradients averages them (FSDP does it itself)
 
     def __init__(self):
         cuda = torch.cuda.is_available()
@@ -47,19 +47,22 @@ class Distributed:
         the compute casts, exactly as in a single-GPU run. FSDP reduces the gradients itself.
 
         shard=False (LoRA, QLoRA): every rank keeps the whole model, as on one GPU (the frozen
-        base fits), and `average_gradients` averages the adapters' gradients once a step.
+        base fits), and `sync_gradients` averages the adapters' gradients once a step.
         Sharding the base instead would mean gathering all of it over the network twice a step
         (forward and backward) to save memory a LoRA run rarely needs: half the speed on 2 GPUs."""
         if not shard:
-            self.gradient_sync = self.average_gradients
+            self.averages_gradients = True
             return
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
         register_fsdp_forward_method(model, "loss")  # training calls model.loss, not model(...)
 
-    def average_gradients(self, params):
-        """Every rank's gradients → their mean, on every rank (one all-reduce of all of them)."""
+    def sync_gradients(self, params):
+        """LoRA: every rank's gradients → their mean, on every rank (one all-reduce of all of
+        them). Full fine-tuning: nothing (FSDP reduced them in backward)."""
+        if not self.averages_gradients:
+            return
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.flatten().float() for g in grads])
         dist.all_reduce(flat)

@@ -18,7 +18,7 @@ only inside it). What `prepare_out` does with --out:
       was deleted
     anything else                          refuse, before writing anything
 
-`dist` is a distributed.Distributed under torchrun, else None.
+`processes`: run/processes.py (one process, or torchrun's).
 """
 import errno
 import fcntl
@@ -32,6 +32,7 @@ import torch
 
 from formats.files import atomic_write, write_json
 from errors import UserError, disk_full_cause
+from run.processes import ONE_PROCESS
 from run.resume import INPUTS, check_resume, damaged, describe_inputs, going_on_note, settings_of
 
 RUN_FORMAT = 1  # written into config.json: marks a directory as a run of this project
@@ -355,21 +356,17 @@ def _trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_state(out: Path, model, optimizer, scaler, step, dist=None):
+def save_state(out: Path, model, optimizer, scaler, step, processes=ONE_PROCESS):
     """Everything needed to continue exactly, in ONE file written atomically (write + rename):
     trainable weights, AdamW moments, step (which fixes the data position and the schedule) and
-    each rank's RNG state (dropout masks)."""
-    if dist:  # gather the shards (every rank takes part), then rank 0 writes
-        model_state, optimizer_state = dist.training_state(model, optimizer)
-        rng = dist.rng_states(_rng_state())
-        if not dist.is_main:
-            return
-    else:
-        trainable = _trainable_names(model)
-        model_state = {k: v for k, v in model.state_dict().items() if k in trainable}
-        optimizer_state, rng = optimizer.state_dict(), [_rng_state()]
+    each rank's RNG state (dropout masks). Under torchrun every rank takes part (the shards are
+    gathered) and rank 0 writes."""
+    model_state, optimizer_state = processes.training_state(model, optimizer)
+    rng = processes.rng_states(_rng_state())
+    if not processes.is_main:
+        return
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "rng": rng,
-             "scaler": scaler.state_dict() if scaler else None}
+             "scaler": scaler.state_dict()}
     with writing(out / CHECKPOINT):
         atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -419,7 +416,7 @@ def _is_rng_state(saved) -> bool:
     return True
 
 
-def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
+def load_state(out: Path, model, optimizer, scaler, processes=ONE_PROCESS) -> int:
     """Restore what save_state wrote; return the step to continue from. No checkpoint.pt yet:
     step 0 (prepare_out has said that the run starts over)."""
     path = out / CHECKPOINT
@@ -431,16 +428,12 @@ def load_state(out: Path, model, optimizer, scaler, dist=None) -> int:
         raise UserError(f"--resume: {path} lacks {len(missing)} trainable tensors "
                         f"(e.g. {sorted(missing)[0]})")
     try:
-        if dist:
-            dist.load_training_state(model, optimizer, state["model"], state["optimizer"])
-        else:
-            model.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
+        processes.load_training_state(model, optimizer, state["model"], state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # another model's, or edited
         raise UserError(f"--resume: {path} does not fit this model ({first_line(e)})") from None
-    if scaler and state.get("scaler"):
+    if state.get("scaler"):  # (fp16's loss scale; {} or None when the run had none)
         scaler.load_state_dict(state["scaler"])
-    rank = dist.rank if dist else 0
+    rank = processes.rank
     if rank >= len(state["rng"]):
         raise UserError(damaged(path, f"it holds the random states of {len(state['rng'])} ranks"))
     rng = state["rng"][rank]

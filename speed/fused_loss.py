@@ -110,6 +110,11 @@ def compiled_loss_and_grad():
     return torch.compile(loss_and_grad)
 
 
+# What train_sft.py says when it compiles (--compile, a GPU's default)
+COMPILE_NOTE = ("compile: the first steps compile each block and the loss (a one-time cost, "
+                "seconds to a minute; --no-compile skips it)")
+
+
 # What a compiled block may keep for its backward pass, as a share of what it would keep by
 # default. Under 1, torch.compile's partitioner recomputes in the backward pass the tensors that
 # cost the fewest FLOPs to recompute until it fits: the elementwise ones (silu(gate)·up, the

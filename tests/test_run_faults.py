@@ -44,7 +44,7 @@ DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
 @pytest.fixture(autouse=True)
 def pytest_keeps_its_signal_handlers():
     """train_sft.main installs its own handlers, and a test that signals leaves them ignoring the
-    next SIGTERM (train_sft.StopSignals): give pytest back its own after each test."""
+    next SIGTERM (run/stop.py): give pytest back its own after each test."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in handlers.items():

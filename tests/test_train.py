@@ -159,7 +159,7 @@ def test_bf16_adamw_state_is_refused_under_torchrun(tmp_path, demo_data, monkeyp
     is written."""
     class TwoRanks:
         device, world = "cpu", 2
-    monkeypatch.setattr(train_sft, "start_distributed", lambda: TwoRanks())
+    monkeypatch.setattr(train_sft, "start_processes", lambda device: TwoRanks())
     out = tmp_path / "out"
     fails_with(demo_argv(demo_data[0], out, "--adamw-state", "bf16"),
                "--adamw-state bf16 runs in one process, not under torchrun")
