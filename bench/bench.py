@@ -317,6 +317,7 @@ def main(argv=None):
             "adamw_state": a.adamw_state,
             "estimate_gib": round(estimate, 2), **lengths_fields(a, batches if a.lengths else None,
                                                                  warmup_s),
+            **({"cuda_graphs_failed": model.cuda_graphs.failed} if a.cuda_graphs else {}),
         }), flush=True)
     processes.exit()
 

@@ -13,7 +13,8 @@ A graph replays the same memory with the same shapes, so:
 - the gradients are tensors that live across steps: each replay adds into them, as backward
   does, and the optimizer step zeroes them in place (`zero_grad(set_to_none=False)`).
 The first micro-batch of each shape runs eagerly (it warms up what is set up lazily: cuBLAS,
-compiled code) and counts like any other; the graph is recorded after it.
+compiled code) and counts like any other; the graph is recorded after it. Should recording
+fail (an operation PyTorch cannot record), a note says so and the steps run eagerly from then on.
 
 Recording needs a step that never waits for the CPU inside it and never copies from CPU memory:
 train_sft.batch_loss as it is (LoRA or full fine-tuning, bf16 or fp32, compiled or not), but not
@@ -22,6 +23,7 @@ QLoRA's embedding in CPU memory, fp16's loss scaling, activation checkpointing o
 generator at each replay.
 """
 import os
+import sys
 
 import torch
 
@@ -57,6 +59,7 @@ class GraphedMicroSteps:
         self.device = self.params[0].device
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never overlap
         self.recorded = {}  # batch shape -> Recorded
+        self.failed = None  # why recording failed, if it did: then every step runs eagerly
 
     def run(self, batch: dict, n_targets: int) -> torch.Tensor:
         """The micro-batch's share of the loss, detached. With a graph it is the graph's own
@@ -64,6 +67,10 @@ class GraphedMicroSteps:
         if any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("CUDA graphs add into the same gradient tensors at every step: "
                                "zero them in place (zero_grad(set_to_none=False))")
+        if self.failed:
+            inputs = {k: None if batch.get(k) is None else batch[k].to(self.device)
+                      for k in INPUTS}
+            return self.micro_step(inputs, max(n_targets, 1))
         shape = (tuple(batch["tokens"].shape), batch["doc_ids"] is not None)
         recorded = self.recorded.get(shape)
         if recorded is None:
@@ -105,8 +112,13 @@ class Recorded:
         with torch.cuda.stream(side):
             loss = self.steps.micro_step(self.inputs, self.divisor)
         torch.cuda.current_stream(self.steps.device).wait_stream(side)
-        with torch.cuda.graph(self.graph, pool=self.steps.pool):
-            self.loss = self.steps.micro_step(self.inputs, self.divisor)
+        try:
+            with torch.cuda.graph(self.graph, pool=self.steps.pool):
+                self.loss = self.steps.micro_step(self.inputs, self.divisor)
+        except RuntimeError as e:  # nothing recorded ran: the gradients hold the warm-up's alone
+            self.steps.failed = str(e).strip().splitlines()[0][:200]
+            print(f"note: recording a CUDA graph failed ({self.steps.failed}); the steps run "
+                  "eagerly", file=sys.stderr)
         return loss
 
 

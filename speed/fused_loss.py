@@ -129,7 +129,8 @@ def compile_for_training(model, mode: str | None = None):
     compiles quickly) and the chunk loss. Hooks around a block (FSDP's gathers under torchrun)
     stay outside the compiled graph. Generation with a KV cache runs the blocks eagerly: each
     layer writes its own slice of the cache, which would make the compiled block recompile for
-    every layer (and flood the log with recompile warnings) just to print a sample.
+    every layer (and flood the log with recompile warnings) just to print a sample. So does the
+    held-out loss (training_only).
 
     The compiled backward also recomputes what is cheap to recompute instead of storing it:
     see ACTIVATION_MEMORY_BUDGET. `mode` is torch.compile's (bench.py --compile-mode)."""
@@ -144,6 +145,11 @@ def compile_for_training(model, mode: str | None = None):
 
 
 def training_only(compiled, eager):
+    """The compiled block where gradients are computed; elsewhere (generation, the held-out loss
+    under no_grad) the eager one: a graph without gradients would be a second compilation, which
+    a few evaluations do not win back."""
     def forward(x, cos, sin, mask=None, cache=None):
-        return eager(x, cos, sin, mask, cache) if cache is not None else compiled(x, cos, sin, mask)
+        if cache is not None or not torch.is_grad_enabled():
+            return eager(x, cos, sin, mask, cache)
+        return compiled(x, cos, sin, mask)
     return forward
