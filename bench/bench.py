@@ -136,7 +136,8 @@ def parse_args(argv=None):
       help="tokens per example (default: 2048, or the shape's context if shorter); with "
       "--lengths the longest row (default: 512, train_sft.py's)")
     a("--lengths", help="a JSON file of real example lengths (bench/alpaca_lengths.py): batches "
-      "of those, grouped by length (or packed) as train_sft.py makes them")
+      "of those, grouped by length (or packed) as train_sft.py makes them (default: rows of "
+      "--seq-len tokens)")
     a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     a("--packing", action="store_true", help="with --lengths: pack examples into rows")
     a("--pad-to-multiple-of", type=positive_int, default=1,
