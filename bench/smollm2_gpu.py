@@ -149,6 +149,28 @@ def environment() -> dict:
     return fields
 
 
+def loading_costs(tiny: bool) -> dict:
+    """What loading the real GGUF costs on this machine's CPU, without the file: building the
+    model's skeleton on the meta device (load_checkpoint does first), and dequantising Q4_1 blocks
+    of SmolLM2's 134.5M weights (random bytes: the same work as the file's)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from formats.gguf_file import dequantize_q4_1
+    from model import ModelConfig, Transformer
+    started = time.perf_counter()
+    with torch.device("meta"):
+        Transformer(ModelConfig.from_name("tiny" if tiny else "smollm2-135m"))
+    meta_s = time.perf_counter() - started
+    blocks = torch.randint(0, 256, ((134_515_008 if not tiny else 1 << 20) // 32, 20),
+                           dtype=torch.uint8)
+    blocks[:, 1] = blocks[:, 3] = 0x3C  # fp16 scale and minimum of about 1: finite weights
+    started = time.perf_counter()
+    dequantize_q4_1(blocks)
+    return {"variant": "loading costs", "meta_skeleton_s": round(meta_s, 2),
+            "q4_1_dequantize_134.5M_weights_cpu_s": round(time.perf_counter() - started, 2),
+            "cpu_threads": torch.get_num_threads()}
+
+
 def smollm2_checkpoint(carry: Path, work: Path, tiny: bool) -> Path:
     """The GGUF if the carried folder holds it; else SmolLM2's shape, random weights (bf16), with
     the carried tokenizer beside it (--tiny: a 2-layer, 64-wide model with the same vocabulary)."""
@@ -193,6 +215,10 @@ def run(a):
     carry = Path(a.carry).resolve()
     runner = Runner(a)
     emit(environment())
+    try:
+        emit(loading_costs(a.tiny))
+    except (RuntimeError, ValueError, ImportError) as e:
+        emit({"variant": "loading costs", "error": repr(e)})
     tiny = a.tiny
     device = "cpu" if tiny else "cuda"
     shape = "tiny" if tiny else "smollm2-135m"
