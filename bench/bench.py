@@ -120,6 +120,7 @@ def lengths_fields(a, batches, warmup_s: float) -> dict:
     return {"lengths": Path(a.lengths).name, "grad_accum": a.grad_accum, "packing": a.packing,
             "pad_to_multiple_of": a.pad_to_multiple_of, "cuda_graphs": a.cuda_graphs,
             "compile_mode": a.compile_mode if a.compile else None,
+            "compile_dynamic": a.compile_dynamic,
             "real_token_share": round(batch_efficiency(batches.batches), 4),
             "warmup_s": round(warmup_s, 2)}
 
@@ -146,6 +147,8 @@ def parse_args(argv=None):
       help="replay each micro-batch shape's recorded CUDA graph (speed/cuda_graphs.py)")
     a("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
       default="default", help="torch.compile's mode for --compile")
+    a("--compile-dynamic", action="store_true", help="--compile with dynamic shapes from the "
+      "first batch (default: torch's, static until a second shape comes)")
     a("--steps", type=positive_int, default=10, help="timed steps")
     a("--warmup", type=non_negative_int, default=3,
       help="untimed steps first (compilation, allocator); with --lengths also one untimed step "
@@ -237,7 +240,8 @@ def main(argv=None):
     estimate = estimate_memory(model, settings)["total"]
     processes.parallelize(model, shard=a.method == "full")
     if a.compile:
-        compile_for_training(model, mode=None if a.compile_mode == "default" else a.compile_mode)
+        compile_for_training(model, mode=None if a.compile_mode == "default" else a.compile_mode,
+                             dynamic=a.compile_dynamic or None)
     if a.cuda_graphs:
         from speed.cuda_graphs import cuda_graphs_refusal, use_cuda_graphs
         refusal = cuda_graphs_refusal(settings)

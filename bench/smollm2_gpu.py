@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = "bench/alpaca_1k_smollm2_lengths.json"
 README_RUN = ["--batch-size", "8", "--grad-accum", "4", "--epochs", "3", "--lr", "5e-4",
               "--warmup-steps", "10", "--eval-every", "30"]
-GPU_ONLY = ("--cuda-graphs", "--compile")  # (and --compile-mode's value): dropped by --tiny
+GPU_ONLY = ("--cuda-graphs", "--compile", "--compile-dynamic")  # (and --compile-mode's value): dropped by --tiny
 
 
 def emit(record: dict):
@@ -253,6 +253,8 @@ def run(a):
         ("ours", "ours: eager (the old default)", steps(8), 60),
         ("train", "train_sft: --no-compile (CUDA graphs of eager kernels)", ["--no-compile"], 120),
         ("ours", "ours: compile (the old --compile)", compiled + steps(20, 3), 120),
+        ("ours", "ours: compile dynamic from the start + CUDA graphs, widths of 64",
+         compiled + ["--compile-dynamic"] + graphs + steps(30), 150),
         ("ours", "ours: compile + packing (the old best)", compiled + ["--packing"] + steps(8, 3),
          120),
         ("train", "train_sft: --no-compile --no-cuda-graphs (the old default)",

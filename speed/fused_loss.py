@@ -124,7 +124,7 @@ COMPILE_NOTE = ("compile: the first steps compile each block and the loss (a one
 ACTIVATION_MEMORY_BUDGET = 0.8
 
 
-def compile_for_training(model, mode: str | None = None):
+def compile_for_training(model, mode: str | None = None, dynamic: bool | None = None):
     """torch.compile each block's forward for training (one graph, reused by every layer, so it
     compiles quickly) and the chunk loss. Hooks around a block (FSDP's gathers under torchrun)
     stay outside the compiled graph. Generation with a KV cache runs the blocks eagerly: each
@@ -133,11 +133,13 @@ def compile_for_training(model, mode: str | None = None):
     held-out loss (training_only).
 
     The compiled backward also recomputes what is cheap to recompute instead of storing it:
-    see ACTIVATION_MEMORY_BUDGET. `mode` is torch.compile's (bench.py --compile-mode)."""
+    see ACTIVATION_MEMORY_BUDGET. `mode` and `dynamic` are torch.compile's (bench.py's
+    --compile-mode, --compile-dynamic)."""
     # (a setting of torch.compile's partitioner: for every graph compiled after it)
     partitioner_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     for block in model.layers:
-        block.forward = training_only(torch.compile(block.forward, mode=mode), block.forward)
+        compiled = torch.compile(block.forward, mode=mode, dynamic=dynamic)
+        block.forward = training_only(compiled, block.forward)
     model.compiled = True
     # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
     if torch.cuda.is_available():
