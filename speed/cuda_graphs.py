@@ -57,7 +57,7 @@ class GraphedMicroSteps:
             p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
         self.device = self.params[0].device
-        self.pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never overlap
+        self.pool = None  # one memory pool for every graph (they never run at once), made lazily
         self.recorded = {}  # batch shape -> Recorded
         self.failed = None  # why recording failed, if it did: then every step runs eagerly
 
@@ -107,6 +107,8 @@ class Recorded:
         """This micro-batch eagerly (on a side stream, as PyTorch's CUDA graph recipe warms up),
         then the graph of it, recorded, not run: the gradients get this micro-batch once."""
         self.divisor.fill_(max(n_targets, 1))
+        if self.steps.pool is None:
+            self.steps.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.steps.device)
         side.wait_stream(torch.cuda.current_stream(self.steps.device))
         with torch.cuda.stream(side):

@@ -1,5 +1,6 @@
 """The speed defaults (config.resolve_speed): on a GPU, --compile, --cuda-graphs and
---pad-to-multiple-of 64 unless the run rules them out; on a CPU, and for the demo, as before."""
+--pad-to-multiple-of 64 unless the run rules them out; on a CPU, and for the demo, as before.
+And train_step's way through speed/cuda_graphs.py, as far as a CPU can run it."""
 import pytest
 import torch
 
@@ -60,3 +61,48 @@ def test_cuda_graphs_need_a_gpu():
     with pytest.raises(UserError) as info:
         parse_args(REAL + ["--device", "cpu", "--cuda-graphs"])
     assert str(info.value) == "--cuda-graphs needs a GPU"
+
+
+# ---------------------------------------------------------------- train_step and model.cuda_graphs
+
+def one_step(graphed: bool):
+    """(model, loss, {name: gradient}) of one train_step of 2 micro-batches on the tiny shape;
+    graphed: through model.cuda_graphs' eager path (what runs after a failed recording: a CPU
+    cannot record), which takes train_step's graph branch."""
+    import train_sft
+    from batching import collate
+    from model import ModelConfig, Transformer
+    from speed.cuda_graphs import use_cuda_graphs
+    model = Transformer(ModelConfig.from_name("tiny"))
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    examples = [(ids, [-100] * 3 + ids[3:]) for ids in
+                (torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 14, 6, 11))]
+    micro = [collate([[e] for e in examples[i:i + 2]], 0, packed=False) for i in (0, 2)]
+    config = train_sft.TrainConfig(device="cpu", precision="fp32", grad_clip=0, loss_chunk=0)
+    if graphed:
+        use_cuda_graphs(model, lambda m, batch: train_sft.batch_loss(m, batch, "cpu", "fp32"))
+        model.cuda_graphs.failed = "a CPU"
+    optimizer = train_sft.make_optimizer(model, 0.0, 0.0, "cpu")
+    grads = {}
+    optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    n_targets = sum(train_sft.count_targets(b) for b in micro)
+    loss, _ = train_sft.train_step(model, optimizer, micro, n_targets, config)
+    return model, loss, grads, (optimizer, micro, n_targets, config)
+
+
+def test_train_step_through_the_graphs_gives_the_same_loss_and_gradients():
+    _, loss, grads, _ = one_step(graphed=False)
+    model, graphed_loss, graphed_grads, (optimizer, micro, n_targets, config) = one_step(True)
+    assert graphed_loss == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == graphed_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, graphed_grads[name], rtol=1e-5, atol=1e-7), name
+    # the gradients stay the tensors the graphs add into, zeroed in place for the next step
+    assert all(p.grad is g and not g.any()
+               for p, g in zip(model.cuda_graphs.params, model.cuda_graphs.grads))
+    import train_sft
+    optimizer.zero_grad(set_to_none=True)  # what a graph could no longer see
+    with pytest.raises(RuntimeError, match="zero them in place"):
+        train_sft.train_step(model, optimizer, micro, n_targets, config)
