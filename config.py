@@ -65,7 +65,7 @@ class TrainConfig:
     grad_ckpt: bool = False
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
-    compile: bool | None = None      # None: on a GPU (resolved in parse_args)
+    compile: bool | None = None      # None: off on a CPU; on a GPU, on when the run pays it back
     cuda_graphs: bool | None = None  # None: on a GPU where the run allows (speed/cuda_graphs.py)
     pad_to_multiple_of: int | None = None  # None: 64 with CUDA graphs (a few widths), else 1
     loss_chunk: int = 1024
@@ -166,7 +166,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
       help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
     a("--compile", action=BooleanOptionalAction, help="torch.compile each transformer block "
-      "and the loss: a one-time cost at the start, then faster steps (default: on a GPU)")
+      "and the loss: a one-time cost at the start, then faster steps (default: on a GPU when the "
+      "run is long enough to win the cost back, which it says; off on a CPU)")
     a("--cuda-graphs", action=BooleanOptionalAction, help="record each batch shape's forward "
       "and backward pass once as a CUDA graph and replay it: one launch instead of thousands, for "
       "small models (default: on a GPU, except for QLoRA, fp16, --grad-ckpt and torchrun)")
@@ -209,15 +210,16 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
 
 
 def resolve_speed(config: TrainConfig):
-    """--compile, --cuda-graphs and --pad-to-multiple-of left out: on a GPU each is on where it
-    applies (a GPU launches kernels faster than a CPU; on a CPU they would only add time)."""
+    """--cuda-graphs and --pad-to-multiple-of left out: on a GPU each is on where it applies (on a
+    CPU they would only add time). --compile left out: off on a CPU; on a GPU it stays None, and
+    train_sft.py decides once it knows the run's length (speed/fused_loss.py: compile_pays)."""
     from speed.cuda_graphs import cuda_graphs_refusal
     refusal = cuda_graphs_refusal(config)
     if config.cuda_graphs and refusal:
         raise UserError(f"--cuda-graphs needs {refusal}")
     if config.cuda_graphs is None:
         config.cuda_graphs = refusal is None
-    if config.compile is None:
-        config.compile = config.device.startswith("cuda")
+    if config.compile is None and not config.device.startswith("cuda"):
+        config.compile = False
     if config.pad_to_multiple_of is None:
         config.pad_to_multiple_of = GRAPH_WIDTH_MULTIPLE if config.cuda_graphs else 1

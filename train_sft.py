@@ -60,6 +60,9 @@ def main(argv=None):
         model = build_model(config, tokenizer, log)
         given = config
         config, train_data = load_data(config, tokenizer, model, log)
+        if config.compile is None:  # a GPU's default: compile when the run wins the cost back
+            from speed.fused_loss import compile_pays
+            config = replace(config, compile=compile_pays(model, train_data.batches, log.say))
         if log.speaks:
             record_effective(run.out, given, config)  # what load_data changed, beside the given
         processes.parallelize(model, shard=config.method == "full")
@@ -67,7 +70,8 @@ def main(argv=None):
         if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
             from speed.fused_loss import COMPILE_NOTE, compile_for_training
             compile_for_training(model)
-            log.say(COMPILE_NOTE)
+            if given.compile:  # (compile_pays said it already)
+                log.say(COMPILE_NOTE)
         if config.cuda_graphs:  # each batch shape's forward and backward recorded once, replayed
             from speed.cuda_graphs import use_cuda_graphs
             use_cuda_graphs(model, lambda m, batch: batch_loss(m, batch, config.device,

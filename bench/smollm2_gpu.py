@@ -108,11 +108,11 @@ class Runner:
         emit({"variant": name, "process_wall_s": wall, **fields, **json.loads(found[-1])})
 
     def train_run(self, name: str, folder: str, checkpoint: Path, data: Path, flags: list,
-                  cap: float, cache: Path | None = None):
+                  cap: float):
         """train_sft.py with the README's flags: the whole command's wall time, from its metrics
         the held-out losses and tokens/s, and when each line of its output appeared."""
         out = self.work / folder
-        cache = cache or self.work / f"cache_{folder}"  # a fresh compile cache: a first run's cost
+        cache = self.work / f"cache_{folder}"  # a fresh compile cache: a first run's cost
         env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
         argv = ["train_sft.py", "--checkpoint", str(checkpoint), "--data", str(data),
                 *README_RUN, "--out", str(out), *flags]
@@ -243,39 +243,36 @@ def run(a):
     data = carry / "alpaca_data_1k.json"
     liger = {"PYTHONPATH": a.liger_path} if a.liger_path else {}
     plan = [  # (kind, name, argv or flags, cap in seconds): most important first
-        ("ours", "ours: CUDA graphs, widths of 64 (eager kernels)", graphs + steps(30), 90),
-        ("ours", "ours: compile + CUDA graphs, widths of 64 (the new default)",
-         compiled + graphs + steps(30), 150),
+        ("ours", "ours: CUDA graphs, widths of 64 (the default of a short run)",
+         graphs + steps(30), 90),
         ("peer", "peer: HF+PEFT, group_by_length", ["--group-by-length"] + steps(15, 2), 90),
         ("peer+liger", "peer: HF+PEFT+Liger, group_by_length",
          ["--group-by-length", "--liger"] + steps(15, 2), 90),
-        ("train", "train_sft: the defaults", [], 150),
-        ("ours", "ours: eager (the old default)", steps(8), 60),
-        ("train", "train_sft: --no-compile (CUDA graphs of eager kernels)", ["--no-compile"], 120),
-        ("ours", "ours: compile (the old --compile)", compiled + steps(20, 3), 120),
+        ("train", "train_sft: the defaults", [], 120),
+        ("train", "train_sft: --no-compile --no-cuda-graphs (the old default)",
+         ["--no-compile", "--no-cuda-graphs"], 170),
+        ("ours", "ours: compile + CUDA graphs, widths of 64 (the default of a long run)",
+         compiled + graphs + steps(30), 150),
         ("ours", "ours: compile dynamic from the start + CUDA graphs, widths of 64",
          compiled + ["--compile-dynamic"] + graphs + steps(30), 150),
+        ("ours", "ours: eager (the old default)", steps(8), 60),
+        ("train", "train_sft: --compile (compiled although the run is short)", ["--compile"],
+         150),
+        ("ours", "ours: CUDA graphs, widths of 32", ["--cuda-graphs", "--pad-to-multiple-of",
+                                                     "32"] + steps(30), 90),
         ("ours", "ours: compile + packing (the old best)", compiled + ["--packing"] + steps(8, 3),
          120),
-        ("train", "train_sft: --no-compile --no-cuda-graphs (the old default)",
-         ["--no-compile", "--no-cuda-graphs"], 150),
-        ("train-warm", "train_sft: the defaults, compile cache warm", [], 100),
         ("ours", "ours: compile + CUDA graphs + packing", compiled + graphs + ["--packing"]
          + steps(8), 120),
         ("ours", "ours: compile reduce-overhead, widths of 64",
          compiled + ["--compile-mode", "reduce-overhead", "--pad-to-multiple-of", "64"]
          + steps(30), 150),
-        ("ours", "ours: compile + CUDA graphs, widths of 32", compiled + ["--cuda-graphs",
-         "--pad-to-multiple-of", "32"] + steps(30), 150),
-        ("ours", "ours: compile + CUDA graphs, widths of 128", compiled + ["--cuda-graphs",
-         "--pad-to-multiple-of", "128"] + steps(30), 150),
         ("peer", "peer: HF+PEFT, random order (the Trainer's default)", steps(15, 2), 90),
     ]
     if tiny:
         check_flags([ours + argv for kind, _, argv, _ in plan if kind == "ours"]
                     + [["train_sft.py", "--checkpoint", "x.gguf", "--data", "x.json", *README_RUN,
-                        *flags] for kind, _, flags, _ in plan if kind.startswith("train")])
-    default_cache = runner.work / "cache_default"
+                        *flags] for kind, _, flags, _ in plan if kind == "train"])
     for number, (kind, name, argv, cap) in enumerate(plan):
         if a.only and number not in a.only:
             continue
@@ -283,9 +280,8 @@ def run(a):
             runner.json_line(name, ours + argv, cap)
         elif kind == "peer" or (kind == "peer+liger" and not tiny):
             runner.json_line(name, peer + argv, cap, env=liger if kind == "peer+liger" else None)
-        elif kind.startswith("train") and checkpoint:  # the defaults' cache: cold, then warm
-            cache = default_cache if not argv else None
-            runner.train_run(name, f"run{number}", checkpoint, data, argv, cap, cache)
+        elif kind == "train" and checkpoint:  # each with a cold compile cache
+            runner.train_run(name, f"run{number}", checkpoint, data, argv, cap)
     emit({"variant": "done", "budget_left_s": round(runner.left())})
     shutil.rmtree(runner.work, ignore_errors=True)
 

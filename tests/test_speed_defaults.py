@@ -1,5 +1,6 @@
-"""The speed defaults (config.resolve_speed): on a GPU, --compile, --cuda-graphs and
---pad-to-multiple-of 64 unless the run rules them out; on a CPU, and for the demo, as before.
+"""The speed defaults (config.resolve_speed): on a GPU, --cuda-graphs and --pad-to-multiple-of 64
+unless the run rules them out, and --compile when the run is long enough (None until
+train_sft.py knows: speed/fused_loss.compile_pays); on a CPU, and for the demo, as before.
 And train_step's way through speed/cuda_graphs.py, as far as a CPU can run it."""
 import pytest
 import torch
@@ -29,11 +30,12 @@ def test_a_cpu_run_and_the_demo_keep_their_defaults():
 
 
 def test_on_a_gpu_the_fast_paths_are_the_default(one_gpu):
-    assert speed(parse_args(REAL)) == (True, True, GRAPH_WIDTH_MULTIPLE)
-    assert speed(parse_args(REAL + ["--method", "full"])) == (True, True, GRAPH_WIDTH_MULTIPLE)
+    assert speed(parse_args(REAL)) == (None, True, GRAPH_WIDTH_MULTIPLE)
+    assert speed(parse_args(REAL + ["--method", "full"])) == (None, True, GRAPH_WIDTH_MULTIPLE)
     assert speed(parse_args(REAL + ["--no-compile"])) == (False, True, GRAPH_WIDTH_MULTIPLE)
-    assert speed(parse_args(REAL + ["--no-cuda-graphs"])) == (True, False, 1)
-    assert speed(parse_args(REAL + ["--pad-to-multiple-of", "128"])) == (True, True, 128)
+    assert speed(parse_args(REAL + ["--compile"])) == (True, True, GRAPH_WIDTH_MULTIPLE)
+    assert speed(parse_args(REAL + ["--no-cuda-graphs"])) == (None, False, 1)
+    assert speed(parse_args(REAL + ["--pad-to-multiple-of", "128"])) == (None, True, 128)
     # the demo: a run of seconds, as before
     assert speed(parse_args(["--checkpoint", "tiny"])) == (False, False, 1)
     assert speed(parse_args(["--checkpoint", "tiny", "--compile"])) == (True, False, 1)
@@ -46,7 +48,7 @@ def test_on_a_gpu_the_fast_paths_are_the_default(one_gpu):
     (["--grad-ckpt"], "no --grad-ckpt"),
 ])
 def test_cuda_graphs_step_aside_where_they_cannot_run(one_gpu, flags, reason):
-    assert speed(parse_args(REAL + flags)) == (True, False, 1)
+    assert speed(parse_args(REAL + flags)) == (None, False, 1)
     with pytest.raises(UserError) as info:
         parse_args(REAL + flags + ["--cuda-graphs"])
     assert str(info.value) == f"--cuda-graphs needs {reason}"
@@ -54,7 +56,7 @@ def test_cuda_graphs_step_aside_where_they_cannot_run(one_gpu, flags, reason):
 
 def test_cuda_graphs_step_aside_under_torchrun(one_gpu, monkeypatch):
     monkeypatch.setenv("RANK", "0")
-    assert speed(parse_args(REAL)) == (True, False, 1)
+    assert speed(parse_args(REAL)) == (None, False, 1)
 
 
 def test_cuda_graphs_need_a_gpu():
@@ -106,3 +108,33 @@ def test_train_step_through_the_graphs_gives_the_same_loss_and_gradients():
     optimizer.zero_grad(set_to_none=True)  # what a graph could no longer see
     with pytest.raises(RuntimeError, match="zero them in place"):
         train_sft.train_step(model, optimizer, micro, n_targets, config)
+
+
+def test_compile_pays_on_a_long_run_not_a_short_one():
+    """The README's SmolLM2 run (950 Alpaca examples, 3 epochs: 0.31M tokens) is too short to win
+    back compiling; 52k examples (16M tokens) are not; a model 8 times larger pays 8 times
+    sooner."""
+    from batching import StepBatches
+    from speed.fused_loss import COMPILE_PAYS_AFTER, compile_pays
+
+    class Model:  # only its parameter count matters
+        def __init__(self, n):
+            self.n = n
+
+        def parameters(self):
+            return [torch.empty(self.n, device="meta")]
+
+    examples = [([1] * 110, [1] * 110)] * 950
+    said = []
+    for epochs, parameters, pays in [(3, 135e6, False), (3 * 55, 135e6, True),
+                                     (3 * 5, 135e6, False), (3 * 5, 8 * 135e6, True)]:
+        batches = StepBatches(examples, 8, 4, epochs=epochs, pad_id=0, max_seq_len=512)
+        tokens = 110 * 950 * batches.total_steps * 4 / batches.per_epoch
+        assert (tokens * parameters >= COMPILE_PAYS_AFTER) == pays
+        assert compile_pays(Model(int(parameters)), batches, said.append) == pays
+    assert said[0] == ("compile: off, the run's 0.32M tokens would not win back its one-time cost "
+                       "(about a minute; it pays from about 6.0M tokens of this model: --compile "
+                       "compiles anyway)")
+    assert said[1] == ("compile: on, the run's 17.2M tokens win back its one-time cost (the first "
+                       "steps compile each block and the loss, about a minute; --no-compile skips "
+                       "it)")
