@@ -322,7 +322,10 @@ def main(argv=None):
             "adamw_state": a.adamw_state,
             "estimate_gib": round(estimate, 2), **lengths_fields(a, batches if a.lengths else None,
                                                                  warmup_s),
-            **({"cuda_graphs_failed": model.cuda_graphs.failed} if a.cuda_graphs else {}),
+            # (a graph's memory is its pool's, reserved at recording, not allocated at a replay)
+            **({"cuda_graphs_failed": model.cuda_graphs.failed,
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
+               if a.cuda_graphs else {}),
         }), flush=True)
     processes.exit()
 
