@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = "bench/alpaca_1k_smollm2_lengths.json"
 README_RUN = ["--batch-size", "8", "--grad-accum", "4", "--epochs", "3", "--lr", "5e-4",
               "--warmup-steps", "10", "--eval-every", "30"]
-GPU_ONLY = ("--cuda-graphs", "--compile", "--compile-dynamic")  # (and --compile-mode's value): dropped by --tiny
+# flags --tiny drops from the commands it runs on the CPU (and --compile-mode with its value)
+GPU_ONLY = ("--cuda-graphs", "--compile", "--compile-dynamic")
 
 
 def emit(record: dict):

@@ -495,7 +495,8 @@ def test_padding_to_a_multiple_changes_widths_not_the_loss(packing, tiny_model, 
     plain = make_batches(demo_examples, 4, **options)
     padded = make_batches(demo_examples, 4, pad_to_multiple_of=64, **options)
     widths = {b["tokens"].shape[1] for b in padded}
-    assert widths <= {64, 128, 192, 200} and len(widths) <= len({b["tokens"].shape[1] for b in plain})
+    assert widths <= {64, 128, 192, 200}
+    assert len(widths) <= len({b["tokens"].shape[1] for b in plain})
     for a, b in zip(plain, padded, strict=True):
         width = a["tokens"].shape[1]
         assert b["tokens"].shape[1] == min(-(-width // 64) * 64, 200)
