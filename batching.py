@@ -18,7 +18,7 @@ from model import IGNORE_INDEX
 
 def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: int,
                  packing: bool = False, group_by_length: bool = True, shuffle: bool = True,
-                 seed: int = 0, epoch: int = 0) -> list[dict]:
+                 seed: int = 0, epoch: int = 0, pad_to_multiple_of: int = 1) -> list[dict]:
     """One epoch of batches, the same for the same (seed, epoch), so a run resumes by batch index.
 
     Padding (default): each example is a row, right-padded to the longest in its batch. Causal
@@ -27,6 +27,10 @@ def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: i
     of 50 batches, sort each chunk by length, cut into batches, shuffle the batches.
     packing: examples share rows of up to max_seq_len tokens (batch_size rows per batch);
     `doc_ids` keep each example's attention to itself and `positions` restart at 0 for each.
+    pad_to_multiple_of: each batch's width rounded up to a multiple of it (at most max_seq_len),
+    so that batches come in a few widths: a compiled step or a CUDA graph recorded for a width is
+    reused by every batch of that width (speed/cuda_graphs.py). The extra positions are padding,
+    masked like the rest: the loss is the same.
     Every batch also has "lengths": the real (non-padding) tokens of each row.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
@@ -55,7 +59,8 @@ def make_batches(examples: list, batch_size: int, *, pad_id: int, max_seq_len: i
     batches = []
     for group in groups:
         example_rows = [[examples[index] for index in row] for row in group]
-        batches.append(collate(example_rows, pad_id, packed=packing))
+        batches.append(collate(example_rows, pad_id, packed=packing,
+                               width=padded_width(example_rows, pad_to_multiple_of, max_seq_len)))
     return batches
 
 
@@ -76,11 +81,17 @@ def pack_rows(order: list[int], lengths: list[int], max_len: int) -> list[list[i
     return rows
 
 
-def collate(rows: list[list[tuple]], pad_id: int, packed: bool) -> dict:
-    """Rows of (input_ids, labels) examples → padded tensors. Packed: positions restart and doc
-    ids count up per example; the padding is a document of its own, so it never attends into real
-    tokens."""
-    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+def padded_width(rows: list[list[tuple]], multiple: int, max_width: int) -> int:
+    """The longest row's tokens, rounded up to a multiple of `multiple` but not past max_width."""
+    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    return min(-(-longest // multiple) * multiple, max_width)  # (longest <= max_width)
+
+
+def collate(rows: list[list[tuple]], pad_id: int, packed: bool, width: int | None = None) -> dict:
+    """Rows of (input_ids, labels) examples → tensors `width` wide (default: the longest row),
+    padded. Packed: positions restart and doc ids count up per example; the padding is a document
+    of its own, so it never attends into real tokens."""
+    width = width or max(sum(len(ids) for ids, _ in row) for row in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full_like(tokens, IGNORE_INDEX)
     positions, doc_ids = torch.zeros_like(tokens), torch.zeros_like(tokens)

@@ -3,6 +3,7 @@ that fills it (train_sft.py's flags). out/config.json holds a run's TrainConfig,
 
     python train_sft.py --help      # every flag, its help and its default
 """
+from argparse import BooleanOptionalAction
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class TrainConfig:
     grad_ckpt: bool = False
     pure_bf16: bool = False        # full fine-tuning: bf16 weights and AdamW state, no fp32 master
     adamw_state: str = "fp32"      # full fine-tuning, fp32 weights: AdamW's moments in fp32 or bf16
-    compile: bool = False
+    compile: bool | None = None      # None: off on a CPU; on a GPU, on when the run pays it back
+    cuda_graphs: bool | None = None  # None: on a GPU where the run allows (speed/cuda_graphs.py)
+    pad_to_multiple_of: int | None = None  # None: 64 with CUDA graphs (a few widths), else 1
     fp8: bool = False              # the seven projections' products in FP8 (speed/fp8.py)
     loss_chunk: int = 1024
     packing: bool = False
@@ -86,7 +89,12 @@ class TrainConfig:
 # offline, not a useful model. --data alone trains a real one (formats/default_model.py).
 DEMO = dict(method="full", lr=2e-3, epochs=40.0, seq_len=256,
             batch_size=8, grad_accum=1, warmup_steps=10, eval_every=50, save_every=100,
-            loss_chunk=0)  # 258 tokens of vocabulary: the plain loss, model.py's
+            loss_chunk=0,  # 258 tokens of vocabulary: the plain loss, model.py's
+            compile=False, cuda_graphs=False)  # a run of seconds: nothing to win back
+# CUDA graphs replay one recorded graph per batch width: widths rounded up to a multiple of this
+# come in a few sizes (Alpaca's up to 512 tokens: 8), each recorded once, for at most 63 tokens
+# of padding a row.
+GRAPH_WIDTH_MULTIPLE = 64
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=352,
                           vocab_size=ByteTokenizer.vocab_size, max_seq_len=256)
 
@@ -177,7 +185,15 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--adamw-state", choices=["fp32", "bf16"], default=d.adamw_state,
       help="how full fine-tuning with float32 weights stores AdamW's two moments: bf16 (optim.py, "
       "stochastic rounding) takes 12 bytes a parameter instead of 16")
-    a("--compile", action="store_true", help="torch.compile each transformer block and the loss")
+    a("--compile", action=BooleanOptionalAction, help="torch.compile each transformer block "
+      "and the loss: a one-time cost at the start, then faster steps (default: on a GPU when the "
+      "run is long enough to win the cost back, which it says; off on a CPU)")
+    a("--cuda-graphs", action=BooleanOptionalAction, help="record each batch shape's forward "
+      "and backward pass once as a CUDA graph and replay it: one launch instead of thousands, for "
+      "small models (default: on a GPU, except for QLoRA, fp16, --grad-ckpt and torchrun)")
+    a("--pad-to-multiple-of", type=positive_int, help="round each batch's width up to a "
+      f"multiple of this, so batches come in a few shapes (default: {GRAPH_WIDTH_MULTIPLE} with "
+      "CUDA graphs, else 1)")
     a("--fp8", action="store_true", help="FP8 matrix products for the seven projections of every "
       "block (speed/fp8.py), on a GPU of compute capability >= 8.9 (H100, H200, Ada): LoRA stores "
       "the frozen base in FP8 (half the memory of bf16), full fine-tuning casts its float32 "
@@ -215,6 +231,7 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     assert not unused, f"flags that fill no setting: {unused}"  # (a new flag needs its field)
     if config.precision is None:
         config.precision = default_precision(config.device)
+    resolve_speed(config)
     if config.pure_bf16 and (config.method != "full" or config.precision != "bf16"):
         raise UserError("--pure-bf16 is for --method full with --precision bf16 (a GPU's default)")
     if config.adamw_state == "bf16" and (config.method != "full" or config.pure_bf16):
@@ -230,3 +247,19 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     sources = [parse_source(text) for text in config.data]  # (said before the model loads)
     check_weights([weight for _, weight in sources], [path for path, _ in sources])
     return config
+
+
+def resolve_speed(config: TrainConfig):
+    """--cuda-graphs and --pad-to-multiple-of left out: on a GPU each is on where it applies (on a
+    CPU they would only add time). --compile left out: off on a CPU; on a GPU it stays None, and
+    train_sft.py decides once it knows the run's length (speed/fused_loss.py: compile_pays)."""
+    from speed.cuda_graphs import cuda_graphs_refusal
+    refusal = cuda_graphs_refusal(config)
+    if config.cuda_graphs and refusal:
+        raise UserError(f"--cuda-graphs needs {refusal}")
+    if config.cuda_graphs is None:
+        config.cuda_graphs = refusal is None
+    if config.compile is None and not config.device.startswith("cuda"):
+        config.compile = False
+    if config.pad_to_multiple_of is None:
+        config.pad_to_multiple_of = GRAPH_WIDTH_MULTIPLE if config.cuda_graphs else 1

@@ -66,14 +66,23 @@ def main(argv=None):
             add_neftune(model, config.neftune_alpha)
         given = config
         config, train_data = load_data(config, tokenizer, model, log)
+        if config.compile is None:  # a GPU's default: compile when the run wins the cost back
+            from speed.fused_loss import compile_pays
+            config = replace(config, compile=compile_pays(model, train_data.batches, log.say))
         if log.speaks:
             # what load_data changed, beside the given, and what each source gave
             record_effective(run.out, given, config, data_sources=train_data.sources)
         processes.parallelize(model, shard=config.method == "full")
         torch.manual_seed(config.seed + processes.rank)  # each process its own dropout masks
         if config.compile:  # beside the model: torch.compile of each block and of the chunked loss
-            from speed.fused_loss import compile_for_training
+            from speed.fused_loss import COMPILE_NOTE, compile_for_training
             compile_for_training(model)
+            if given.compile:  # (compile_pays said it already)
+                log.say(COMPILE_NOTE)
+        if config.cuda_graphs:  # each batch shape's forward and backward recorded once, replayed
+            from speed.cuda_graphs import use_cuda_graphs
+            use_cuda_graphs(model, lambda m, batch: batch_loss(m, batch, config.device,
+                                                               config.precision, config.loss_chunk))
         memory = estimate_memory(model, replace(config, seq_len=train_data.batches.longest))
         log.say(memory_line(memory, config.device))
         optimizer = make_optimizer(model, config.lr, config.weight_decay, config.device,
@@ -166,7 +175,11 @@ def train_step(model, optimizer, micro_batches, n_targets, config, scaler=NO_LOS
     and sync_gradients.) fp16 scales the loss up so that small gradients do not underflow to 0,
     and unscales the gradients before clipping; otherwise `scaler` does nothing."""
     total = 0.0
+    graphs = getattr(model, "cuda_graphs", None)  # speed/cuda_graphs.py (--cuda-graphs)
     for batch in micro_batches:
+        if graphs:  # the same forward and backward, replayed from the batch shape's CUDA graph
+            total += graphs.run(batch, n_targets)
+            continue
         loss_sum = batch_loss(model, batch, config.device, config.precision, config.loss_chunk)
         loss = loss_sum / max(n_targets, 1)
         scaler.scale(loss).backward()  # gradients add up over micro-batches
@@ -181,7 +194,7 @@ def train_step(model, optimizer, micro_batches, n_targets, config, scaler=NO_LOS
     if scaler.is_enabled() or math.isfinite(grad_norm):
         scaler.step(optimizer)
         scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=graphs is None)  # (the graphs add into the same tensors)
     return float(total), grad_norm
 
 
@@ -323,7 +336,8 @@ def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, 
     log.say(f"data: {stats['records']} training records → {stats['kept']} kept, "
             f"{stats['truncated']} truncated, {stats['dropped']} dropped; "
             f"{len(loaded.val_examples)} validation examples")
-    options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing)
+    options = dict(pad_id=tokenizer.eos_id, max_seq_len=config.seq_len, packing=config.packing,
+                   pad_to_multiple_of=config.pad_to_multiple_of)
     per_step = config.grad_accum * config.world_size  # micro-batches per optimizer step, all ranks
     batches = StepBatches(loaded.mix.epoch, config.batch_size, per_step, config.epochs,
                           config.max_steps, seed=config.seed, **options)

@@ -2,10 +2,15 @@
 
     python -m bench --shape llama-3.2-1b --method lora --batch-size 8 --seq-len 2048
     python -m bench --shape tiny --device cpu --steps 2      # a CPU smoke test (from the root)
+    python -m bench --shape smollm2-135m --lengths bench/alpaca_1k_smollm2_lengths.json \
+        --grad-accum 4 --cuda-graphs                          # Alpaca's real lengths
 
 The same measurement as bench/peer_hf_peft.py (Hugging Face transformers + PEFT): same
 shapes, flags and JSON fields, random weights (speed does not depend on the values). It runs the
 training step of train_sft.py itself (make_optimizer + train_step), not a special fast path.
+Rows are --seq-len tokens each, or with --lengths the examples of a file of real lengths
+(bench/alpaca_lengths.py), random token ids, batched as train_sft.py batches them: tokens/s then
+counts the real tokens, not the padding.
 
 FLOPs per token for MFU (causal attention, recomputation not counted), as in the peer harness:
     full: 6·N + 6·L·d·s      lora: 4·N + 6·L·d·s   (frozen weights get no weight-gradient)
@@ -14,9 +19,11 @@ with N the parameters of all matmuls (output head included, embedding lookup exc
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from batching import StepBatches, batch_efficiency
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction_below_one,
                     non_negative_int, positive_int, run_cli)
 from speed.fused_loss import compile_for_training
@@ -27,7 +34,8 @@ from model import (DEFAULT_PRECISION, IGNORE_INDEX, PRECISIONS, PRESETS, ModelCo
 from projections import PROJECTIONS, is_target, replace_module
 from speed.quant import DEFAULT_TARGETS, NF4Linear, embedding_to_host
 from run.processes import start_processes
-from train_sft import TrainConfig, count_targets, loss_scaler, make_optimizer, train_step
+from train_sft import (TrainConfig, batch_loss, count_targets, loss_scaler, make_optimizer,
+                       train_step)
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, by the datasheet
 
@@ -76,6 +84,47 @@ def our_targets(spec: str) -> list[str]:
     return parse_targets(",".join(short_name.get(name, name) for name in names))
 
 
+def length_batches(a, vocab_size: int) -> StepBatches:
+    """--lengths: each [tokens, prompt, answer] of the file becomes an example of random ids,
+    labels on its answer alone; batched (grouped by length, or packed) as train_sft.py does."""
+    try:
+        spec = json.loads(Path(a.lengths).read_text())["examples"]
+        examples = []
+        g = torch.Generator().manual_seed(0)
+        for n, prompt, answer in spec:
+            ids = torch.randint(0, vocab_size, (n,), generator=g).tolist()
+            trained = ids[prompt:prompt + answer]
+            labels = [IGNORE_INDEX] * prompt + trained + [IGNORE_INDEX] * (n - prompt - answer)
+            examples.append((ids, labels))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--lengths {a.lengths}: not a lengths file of bench/alpaca_lengths.py "
+                        f"({e})") from None
+    if max(len(ids) for ids, _ in examples) > a.seq_len:
+        raise UserError(f"--lengths {a.lengths}: an example is longer than --seq-len {a.seq_len}")
+    return StepBatches(examples, a.batch_size, a.grad_accum, pad_id=0, max_seq_len=a.seq_len,
+                       packing=a.packing, pad_to_multiple_of=a.pad_to_multiple_of, seed=0)
+
+
+def first_of_each_shape(batches: list[dict]) -> list[dict]:
+    shapes = {}
+    for batch in batches:
+        shapes.setdefault((tuple(batch["tokens"].shape), batch["doc_ids"] is not None), batch)
+    return list(shapes.values())
+
+
+def lengths_fields(a, batches, warmup_s: float) -> dict:
+    """The JSON fields of a --lengths run: its settings, the share of real tokens, the untimed
+    warm-up (compiling, recording graphs)."""
+    if batches is None:
+        return {}
+    return {"lengths": Path(a.lengths).name, "grad_accum": a.grad_accum, "packing": a.packing,
+            "pad_to_multiple_of": a.pad_to_multiple_of, "cuda_graphs": a.cuda_graphs,
+            "compile_mode": a.compile_mode if a.compile else None,
+            "compile_dynamic": a.compile_dynamic,
+            "real_token_share": round(batch_efficiency(batches.batches), 4),
+            "warmup_s": round(warmup_s, 2)}
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
@@ -85,10 +134,25 @@ def parse_args(argv=None):
       help="what is trained: LoRA adapters, LoRA on an NF4 base, or every weight")
     a("--batch-size", type=positive_int, default=8, help="examples per step")
     a("--seq-len", type=positive_int,
-      help="tokens per example (default: 2048, or the shape's context if shorter)")
+      help="tokens per example (default: 2048, or the shape's context if shorter); with "
+      "--lengths the longest row (default: 512, train_sft.py's)")
+    a("--lengths", help="a JSON file of real example lengths (bench/alpaca_lengths.py): batches "
+      "of those, grouped by length (or packed) as train_sft.py makes them (default: rows of "
+      "--seq-len tokens)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    a("--packing", action="store_true", help="with --lengths: pack examples into rows")
+    a("--pad-to-multiple-of", type=positive_int, default=1,
+      help="with --lengths: round each batch's width up to a multiple of this")
+    a("--cuda-graphs", action="store_true",
+      help="replay each micro-batch shape's recorded CUDA graph (speed/cuda_graphs.py)")
+    a("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+      default="default", help="torch.compile's mode for --compile")
+    a("--compile-dynamic", action="store_true", help="--compile with dynamic shapes from the "
+      "first batch (default: torch's, static until a second shape comes)")
     a("--steps", type=positive_int, default=10, help="timed steps")
     a("--warmup", type=non_negative_int, default=3,
-      help="untimed steps first (compilation, allocator)")
+      help="untimed steps first (compilation, allocator); with --lengths also one untimed step "
+      "per batch shape of the timed steps")
     a("--lora-r", type=positive_int, default=16, help="LoRA rank r (alpha is 2r)")
     a("--lora-targets", default=",".join(HF_TARGET_NAMES[short] for short in PROJECTIONS),
       help="HF-style names as in the peer harness, or ours (q,k,v,o,gate,up,down,head; all)")
@@ -161,7 +225,7 @@ def main(argv=None):
                         "process")
     c = ModelConfig.from_name(a.shape)
     if a.seq_len is None:  # a shape with a shorter context (tiny: 512) gets all of it
-        a.seq_len = min(2048, c.max_seq_len)
+        a.seq_len = min(512 if a.lengths else 2048, c.max_seq_len)
     if a.seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {a.seq_len} is longer than {a.shape}'s context "
                         f"({c.max_seq_len})")
@@ -186,40 +250,67 @@ def main(argv=None):
     estimate = estimate_memory(model, settings)["total"]
     processes.parallelize(model, shard=a.method == "full")
     if a.compile:
-        compile_for_training(model)
+        compile_for_training(model, mode=None if a.compile_mode == "default" else a.compile_mode,
+                             dynamic=a.compile_dynamic or None)
+    if a.cuda_graphs:
+        from speed.cuda_graphs import cuda_graphs_refusal, use_cuda_graphs
+        refusal = cuda_graphs_refusal(settings)
+        if refusal:
+            raise UserError(f"--cuda-graphs needs {refusal}")
+        use_cuda_graphs(model, lambda m, batch: batch_loss(m, batch, a.device, precision,
+                                                           a.loss_chunk))
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, a.device, a.adamw_state)
     scaler = loss_scaler(settings)
 
     B, S = a.batch_size, a.seq_len
-    g = torch.Generator(a.device).manual_seed(processes.rank)  # each rank its own batch
-    tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
-    labels = tokens.clone()
-    labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
-    batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None}
-    n_targets = count_targets(batch)  # per rank: the step's targets / world (Distributed.share)
+    if a.lengths:
+        batches = length_batches(a, c.vocab_size)
+        step_batches = batches.for_step
+    else:
+        g = torch.Generator(a.device).manual_seed(processes.rank)  # each rank its own batch
+        tokens = torch.randint(0, c.vocab_size, (B, S), device=a.device, generator=g)
+        labels = tokens.clone()
+        labels[:, : int(S * a.prompt_frac)] = IGNORE_INDEX
+        batch = {"tokens": tokens, "labels": labels, "positions": None, "doc_ids": None,
+                 "lengths": torch.full((B,), S)}
+        step_batches = lambda i: [batch] * a.grad_accum  # noqa: E731
 
-    def step():
-        loss = train_step(model, optimizer, [batch], n_targets, settings, scaler, processes)[0]
+    def step(i, micro=None):
+        micro = micro or step_batches(i)
+        n_targets = sum(count_targets(b) for b in micro)  # per rank: see Distributed.share
+        loss = train_step(model, optimizer, micro, n_targets, settings, scaler, processes)[0]
         return processes.mean(loss)
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(a.warmup):
-        step()
+    t0 = time.perf_counter()
+    for i in range(a.warmup):
+        step(i)
+    # the timed steps' micro-batches, made before the clock starts
+    timed = [step_batches(i) for i in range(a.warmup, a.warmup + a.steps)]
+    if a.lengths:  # every batch shape once before timing: compiling and recording come first
+        for micro in first_of_each_shape([batch for micro in timed for batch in micro]):
+            step(None, [micro])
     sync()
+    warmup_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    real_tokens = sum(int(batch["lengths"].sum()) for micro in timed for batch in micro)
+    losses = []
     t0 = time.perf_counter()
-    for _ in range(a.steps):
-        loss = step()
+    for micro in timed:
+        losses.append(step(None, micro))
     sync()
     dt = time.perf_counter() - t0
 
     if a.profile:
-        profile_step(step, c, a, sync, cuda)
+        profile_step(lambda: step(None, timed[-1]), c, a, sync, cuda)
 
-    tok_s = B * S * a.steps * world / dt  # all GPUs together
+    tok_s = real_tokens * world / dt  # all GPUs together
+    loss = sum(losses) / len(losses)
+    if a.lengths:  # attention's FLOPs grow with the length: the examples' mean
+        S = sum(len(ids) for ids, _ in batches.examples) / len(batches.examples)
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
     processes.close()  # (torchrun: every rank finished measuring)
     if processes.is_main:
@@ -230,7 +321,7 @@ def main(argv=None):
         # the field names of the peer harness's JSON (its flag is --lora-rank)
         print(json.dumps({
             "impl": "sft-from-scratch", "shape": a.shape, "method": a.method, "batch_size": B,
-            "seq_len": S, "grad_ckpt": a.grad_ckpt, "lora_rank": lora_r,
+            "seq_len": a.seq_len, "grad_ckpt": a.grad_ckpt, "lora_rank": lora_r,
             "tokens_per_s": round(tok_s), "step_s": round(dt / a.steps, 4),
             "peak_mem_gib": peak_mem_gib,
             "mfu_vs_989T": round(tok_s * per_tok / (H100_BF16_PEAK * world), 4),
@@ -239,7 +330,12 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "compile": a.compile, "loss_chunk": a.loss_chunk, "pure_bf16": a.pure_bf16,
             "adamw_state": a.adamw_state, "fp8": a.fp8,
-            "estimate_gib": round(estimate, 2),
+            "estimate_gib": round(estimate, 2), **lengths_fields(a, batches if a.lengths else None,
+                                                                 warmup_s),
+            # (a graph's memory is its pool's, reserved at recording, not allocated at a replay)
+            **({"cuda_graphs_failed": model.cuda_graphs.failed,
+                "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
+               if a.cuda_graphs else {}),
         }), flush=True)
     processes.exit()
 

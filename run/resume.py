@@ -33,7 +33,9 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # --grad-ckpt recomputes the same forward pass, with the same dropout masks. --compile and --device
 # change only how the same arithmetic is rounded (fused kernels, another processor): the run is
 # the same training, not bit for bit the same numbers, and turning them off or on may be what
-# lets a run go on at all (a compiler error, an out-of-memory error, another machine).
+# lets a run go on at all (a compiler error, an out-of-memory error, another machine). So do
+# --cuda-graphs (the same kernels, replayed) and --pad-to-multiple-of (the same batches, with more
+# padding, which the loss masks).
 # --fp8 too: the products are rounded to 8 bits instead of 16, the weights and adapters are the
 # same ones (a run goes on without it on a GPU that has no FP8). --early-stop decides only when the
 # run ends, like a cadence: the steps it trains are the same. (--neftune-alpha changes every step's
@@ -41,8 +43,8 @@ RESUME_GOES_ON_WITH = ("lr", "warmup_steps", "grad_clip", "epochs", "max_steps")
 # Of these, the cadences, the sample prompts and --early-stop are noted in the history too
 # (RECORDED).
 RESUME_MAY_DIFFER = ("out", "resume", "eval_every", "save_every", "sample_prompt",
-                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "fp8",
-                     "early_stop")
+                     "sample_tokens", "merge", "device", "grad_ckpt", "compile", "cuda_graphs",
+                     "pad_to_multiple_of", "fp8", "early_stop")
 RECORDED = RESUME_GOES_ON_WITH + ("eval_every", "save_every", "sample_prompt", "sample_tokens",
                                   "early_stop")
 RUN_LENGTH = ("epochs", "max_steps")  # the cosine schedule ends at the run's length

@@ -110,6 +110,36 @@ def compiled_loss_and_grad():
     return torch.compile(loss_and_grad)
 
 
+# What train_sft.py says when it compiles (--compile)
+COMPILE_NOTE = ("compile: the first steps compile each block and the loss (a one-time cost, "
+                "seconds to a minute; --no-compile skips it)")
+# When compiling pays on a GPU (train_sft.py's default, compile_pays): past this many tokens ×
+# parameters. Measured on an H200 (SmolLM2-135M LoRA, Alpaca's lengths, CUDA graphs, a cold
+# compile cache): compiling took 46 s more warm-up and 38,913 → 62,728 tokens/s, 9.8 µs less per
+# token, so it paid after 4.7M tokens (46 s / 9.8 µs); 6M × 135M parameters, with margin. A larger
+# model gains more per token for about the same one-time cost (one block is compiled), so its
+# threshold in tokens is lower in proportion to its size.
+COMPILE_PAYS_AFTER = 6e6 * 135e6
+
+
+def compile_pays(model, batches, say) -> bool:
+    """--compile left out on a GPU: compile when the run trains on enough tokens to win back the
+    one-time cost (COMPILE_PAYS_AFTER), and say which way it went and why."""
+    epoch_tokens = sum(int(batch["lengths"].sum()) for batch in batches.batches)
+    tokens = epoch_tokens * batches.total_steps * batches.per_step / batches.per_epoch
+    parameters = sum(p.numel() for p in model.parameters())
+    pays = tokens * parameters >= COMPILE_PAYS_AFTER
+    enough = f"{COMPILE_PAYS_AFTER / parameters / 1e6:.1f}M"
+    if pays:
+        say(f"compile: on, the run's {tokens / 1e6:.1f}M tokens win back its one-time cost (the "
+            "first steps compile each block and the loss, about a minute; --no-compile skips it)")
+    else:
+        say(f"compile: off, the run's {tokens / 1e6:.2f}M tokens would not win back its one-time "
+            f"cost (about a minute; it pays from about {enough} tokens of this model: --compile "
+            "compiles anyway)")
+    return pays
+
+
 # What a compiled block may keep for its backward pass, as a share of what it would keep by
 # default. Under 1, torch.compile's partitioner recomputes in the backward pass the tensors that
 # cost the fewest FLOPs to recompute until it fits: the elementwise ones (silu(gate)·up, the
@@ -119,19 +149,22 @@ def compiled_loss_and_grad():
 ACTIVATION_MEMORY_BUDGET = 0.8
 
 
-def compile_for_training(model):
+def compile_for_training(model, mode: str | None = None, dynamic: bool | None = None):
     """torch.compile each block's forward for training (one graph, reused by every layer, so it
     compiles quickly) and the chunk loss. Hooks around a block (FSDP's gathers under torchrun)
     stay outside the compiled graph. Generation with a KV cache runs the blocks eagerly: each
     layer writes its own slice of the cache, which would make the compiled block recompile for
-    every layer (and flood the log with recompile warnings) just to print a sample.
+    every layer (and flood the log with recompile warnings) just to print a sample. So does the
+    held-out loss (training_only).
 
     The compiled backward also recomputes what is cheap to recompute instead of storing it:
-    see ACTIVATION_MEMORY_BUDGET."""
+    see ACTIVATION_MEMORY_BUDGET. `mode` and `dynamic` are torch.compile's (bench.py's
+    --compile-mode, --compile-dynamic)."""
     # (a setting of torch.compile's partitioner: for every graph compiled after it)
     partitioner_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     for block in model.layers:
-        block.forward = training_only(torch.compile(block.forward), block.forward)
+        compiled = torch.compile(block.forward, mode=mode, dynamic=dynamic)
+        block.forward = training_only(compiled, block.forward)
     model.compiled = True
     # float32 matmuls (LoRA in fp32) on tensor cores, as compile advises
     if torch.cuda.is_available():
@@ -139,6 +172,11 @@ def compile_for_training(model):
 
 
 def training_only(compiled, eager):
+    """The compiled block where gradients are computed; elsewhere (generation, the held-out loss
+    under no_grad) the eager one: a graph without gradients would be a second compilation, which
+    a few evaluations do not win back."""
     def forward(x, cos, sin, mask=None, cache=None):
-        return eager(x, cos, sin, mask, cache) if cache is not None else compiled(x, cos, sin, mask)
+        if cache is not None or not torch.is_grad_enabled():
+            return eager(x, cos, sin, mask, cache)
+        return compiled(x, cos, sin, mask)
     return forward

@@ -487,6 +487,35 @@ def test_batched_loss_equals_one_by_one(packing, tiny_model, demo_examples):
         assert len(batches[0]["tokens"]) == 3 and batches[0]["tokens"].shape[1] <= 128
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_padding_to_a_multiple_changes_widths_not_the_loss(packing, tiny_model, demo_examples):
+    """pad_to_multiple_of (CUDA graphs and compiled steps reuse each width): the same batches,
+    a few widths, multiples of 64 up to max_seq_len; the loss and its gradient unchanged, as the
+    extra positions are padding."""
+    options = dict(pad_id=0, max_seq_len=200, packing=packing, seed=3)
+    plain = make_batches(demo_examples, 4, **options)
+    padded = make_batches(demo_examples, 4, pad_to_multiple_of=64, **options)
+    widths = {b["tokens"].shape[1] for b in padded}
+    assert widths <= {64, 128, 192, 200}
+    assert len(widths) <= len({b["tokens"].shape[1] for b in plain})
+    for a, b in zip(plain, padded, strict=True):
+        width = a["tokens"].shape[1]
+        assert b["tokens"].shape[1] == min(-(-width // 64) * 64, 200)
+        assert torch.equal(a["tokens"], b["tokens"][:, :width]) and torch.equal(a["lengths"],
+                                                                                 b["lengths"])
+        assert (b["labels"][:, width:] == IGNORE_INDEX).all()
+        losses, grads = [], []
+        for batch in (a, b):
+            tiny_model.zero_grad()
+            loss = tiny_model.loss(batch["tokens"], batch["labels"], batch["positions"],
+                                   batch["doc_ids"])
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(tiny_model.lm_head.weight.grad.clone())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_packed_batch_layout():
     examples = [([1, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7]),
                 ([1, 8, 9], [IGNORE_INDEX, 8, 9]), ([1, 4], [IGNORE_INDEX, 4])]

@@ -144,6 +144,32 @@ def test_bench_help_gives_every_flag_a_text_and_its_default(capsys):
             assert "default" in block, block
 
 
+def test_bench_lengths_trains_on_batches_of_real_lengths(tmp_path, capsys):
+    """--lengths: examples of the file's lengths, batched as train_sft.py batches them; tokens/s
+    counts real tokens, and the padding shows in real_token_share."""
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"examples": [[10, 4, 5], [20, 8, 11], [7, 3, 3], [30, 10, 19],
+                                                [12, 5, 6], [25, 9, 15]]}))
+    share = {}
+    for flags in ([], ["--pad-to-multiple-of", "16"], ["--packing"]):
+        argv = ["--shape", "tiny", "--device", "cpu", "--batch-size", "2", "--grad-accum", "3",
+                "--steps", "1", "--warmup", "0", "--lengths", str(lengths), *flags]
+        from bench import bench as bench_script
+        capsys.readouterr()
+        bench_script.main(argv)
+        result = json.loads(capsys.readouterr().out)
+        assert result["tokens_per_s"] > 0 and result["seq_len"] == 512
+        share[tuple(flags)] = result["real_token_share"]
+    # grouped by length, batches of 2: (30, 25) (20, 12) (10, 7) -> 104 of 120 positions
+    assert share[()] == round(104 / 120, 4)
+    assert share[("--pad-to-multiple-of", "16")] == round(104 / (2 * (32 + 32 + 16)), 4)
+    assert share[("--packing",)] == 1.0  # one row of 104 tokens
+    lengths.write_text("[1, 2]")
+    code, out, err = bench_in_process(["--device", "cpu", "--lengths", str(lengths)], capsys)
+    assert (code, out) == (2, "") and err.startswith(f"error: --lengths {lengths}: not a lengths "
+                                                     "file of bench/alpaca_lengths.py")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--device", "gpu0"], "argument --device: 'gpu0' is not a device (use cpu, cuda, cuda:N or "
                            "mps)"),
