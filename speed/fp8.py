@@ -69,8 +69,8 @@ TINY = 1e-30
 def check_fp8(method: str, precision: str, device: str, dora: bool = False, merge: bool = False,
               allow_cpu: bool = False):
     """Refuse --fp8 where it cannot run, in one line: a device without FP8 tensor cores, QLoRA,
-    another precision than bf16, DoRA, LoRA's --merge. `allow_cpu`: the tests (torch emulates the FP8
-    products on a CPU, slowly: correct, but no speed to gain)."""
+    another precision than bf16, DoRA, LoRA's --merge. `allow_cpu`: the tests (torch emulates the
+    FP8 products on a CPU, slowly: correct, but no speed to gain)."""
     if device.startswith("cuda"):
         capability = torch.cuda.get_device_capability(device)
         if capability < FP8_CAPABILITY:

@@ -117,7 +117,8 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path):
 # ---------------------------------------------------------------- bench/bench.py
 
 def test_bench_runs_its_own_cpu_example():
-    done = run([sys.executable, "-m", "bench", "--shape", "tiny", "--device", "cpu", "--steps", "2"])
+    done = run([sys.executable, "-m", "bench", "--shape", "tiny", "--device", "cpu",
+                "--steps", "2"])
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["shape"] == "tiny" and result["seq_len"] == 512  # tiny's context: less than 2048
