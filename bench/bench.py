@@ -101,8 +101,9 @@ def length_batches(a, vocab_size: int) -> StepBatches:
                         f"({e})") from None
     if max(len(ids) for ids, _ in examples) > a.seq_len:
         raise UserError(f"--lengths {a.lengths}: an example is longer than --seq-len {a.seq_len}")
-    return StepBatches(examples, a.batch_size, a.grad_accum, pad_id=0, max_seq_len=a.seq_len,
-                       packing=a.packing, pad_to_multiple_of=a.pad_to_multiple_of, seed=0)
+    return StepBatches(lambda epoch: examples, a.batch_size, a.grad_accum, pad_id=0,
+                       max_seq_len=a.seq_len, packing=a.packing,
+                       pad_to_multiple_of=a.pad_to_multiple_of, seed=0)
 
 
 def first_of_each_shape(batches: list[dict]) -> list[dict]:
@@ -310,7 +311,8 @@ def main(argv=None):
     tok_s = real_tokens * world / dt  # all GPUs together
     loss = sum(losses) / len(losses)
     if a.lengths:  # attention's FLOPs grow with the length: the examples' mean
-        S = sum(len(ids) for ids, _ in batches.examples) / len(batches.examples)
+        examples = batches.examples_of(0)
+        S = sum(len(ids) for ids, _ in examples) / len(examples)
     per_tok = (6 if a.method == "full" else 4) * matmul_params(c) + 6 * c.n_layers * c.dim * S
     processes.close()  # (torchrun: every rank finished measuring)
     if processes.is_main:

@@ -128,7 +128,8 @@ def test_compile_pays_on_a_long_run_not_a_short_one():
     said = []
     for epochs, parameters, pays in [(3, 135e6, False), (3 * 55, 135e6, True),
                                      (3 * 5, 135e6, False), (3 * 5, 8 * 135e6, True)]:
-        batches = StepBatches(examples, 8, 4, epochs=epochs, pad_id=0, max_seq_len=512)
+        batches = StepBatches(lambda epoch: examples, 8, 4, epochs=epochs, pad_id=0,
+                              max_seq_len=512)
         tokens = 110 * 950 * batches.total_steps * 4 / batches.per_epoch
         assert (tokens * parameters >= COMPILE_PAYS_AFTER) == pays
         assert compile_pays(Model(int(parameters)), batches, said.append) == pays
