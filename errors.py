@@ -159,6 +159,18 @@ def fraction_below_one(text: str) -> float:
     return value
 
 
+def text_checked_by(parse):
+    """argparse's type= for a flag whose text `parse` checks (raising "--flag TEXT: why"): the
+    text as typed (config.json records it), once `parse` accepts it; else argparse's one line."""
+    def checked(text: str) -> str:
+        try:
+            parse(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+        return text
+    return checked
+
+
 def device_name(text: str) -> str:
     """A device string torch understands and this machine has: cpu, cuda, cuda:N or mps."""
     import torch  # here, so that errors.py stays importable without the weight of torch

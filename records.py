@@ -12,14 +12,13 @@ The files that hold them (JSON, JSON Lines, CSV, Parquet, a folder) are read by
 formats/data_files.py. Every mistake in a file is a UserError of one line that names the file and
 the record (or, in JSON Lines and CSV, the line or row an editor shows).
 """
-import argparse
 import math
 import random
 import re
 from collections import Counter
 from pathlib import Path
 
-from errors import UserError, utf8_problem
+from errors import UserError, text_checked_by, utf8_problem
 from formats.data_files import data_paths, read_items
 
 ROLES = ("system", "user", "assistant")
@@ -85,15 +84,6 @@ def parse_columns(text: str) -> dict:
     return columns
 
 
-def columns_flag(text: str) -> str:
-    """argparse's type= for --columns: the text, once parse_columns accepts it."""
-    try:
-        parse_columns(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
-    return text
-
-
 def parse_source(text: str) -> tuple[str, float | None]:
     """--data PATH or PATH:WEIGHT → (path, weight or None). A path that exists is read as a path,
     colons and all; otherwise what follows the last colon is a weight when it looks like a
@@ -113,13 +103,8 @@ def parse_source(text: str) -> tuple[str, float | None]:
     return path, value
 
 
-def data_source(text: str) -> str:
-    """argparse's type= for --data: the text as typed (config.json records it), once parsed."""
-    try:
-        parse_source(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
-    return text
+columns_flag = text_checked_by(parse_columns)  # argparse's type= for --columns
+data_source = text_checked_by(parse_source)  # argparse's type= for --data
 
 
 def rename_columns(items: list, columns: dict, path) -> list:
