@@ -18,7 +18,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SHARED = ROOT.parent / "shared"
 
 from formats import default_model  # noqa: E402  (after the sys.path line above)
-from errors import UserError  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # A real pretrained instruct model, from the package registry: SmolLM2-135M-Instruct, the model
@@ -37,6 +37,18 @@ def shared_path(*parts) -> Path:
             return path
     pytest.fail(f"{FIXTURES.joinpath(*parts)} not found: a real test file belongs in "
                 "tests/fixtures, with its source and licence in tests/fixtures/README.md")
+
+
+def run_script(main, argv, capsys) -> tuple:
+    """A script's main as the command line runs it, in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        run_cli(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def help_blocks(text: str) -> dict:

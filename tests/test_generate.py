@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from formats.checkpoint import load_checkpoint
-from conftest import help_blocks, shared_path
-from errors import UserError, run_cli
+from conftest import help_blocks, run_script, shared_path
+from errors import UserError
 from generate import generate, sample_next
 from generate import main as generate_main
 from model import ModelConfig, Transformer
@@ -205,16 +205,7 @@ def test_cli_error_is_one_line():
 # ---------------------------------------------------------------- one line for every mistake
 
 def _main(argv, capsys):
-    """generate.py's main as the command line runs it, in-process: (exit status, stdout,
-    stderr)."""
-    capsys.readouterr()
-    try:
-        run_cli(generate_main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_script(generate_main, argv, capsys)
 
 
 @pytest.mark.parametrize("flags, message", [

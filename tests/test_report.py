@@ -19,8 +19,7 @@ import torch
 import generate
 import report
 import train_sft
-from conftest import shared_path
-from errors import run_cli
+from conftest import run_script, shared_path
 from model import ModelConfig, Transformer
 from run import samples
 from run.report import write_report
@@ -297,15 +296,7 @@ def test_sample_tokens_0_answers_nothing_and_still_reports(tmp_path):
 # ---------------------------------------------------------------- 4. report.py
 
 def cli(argv, capsys, main=report.main):
-    """A script's main as the command line runs it, in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        run_cli(main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_script(main, argv, capsys)
 
 
 def test_report_py_compares_runs(run_dir, tmp_path, capsys):

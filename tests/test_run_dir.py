@@ -30,8 +30,8 @@ from run import run_dir
 import train_sft
 from formats.adapter import save_adapter
 from formats.files import atomic_write
-from conftest import ROOT, shared_path
-from errors import UserError, run_cli
+from conftest import ROOT, run_script, shared_path
+from errors import UserError
 from model import ModelConfig, Transformer
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
@@ -61,15 +61,7 @@ def demo_argv(train, out, *extra) -> list[str]:
 
 
 def cli(argv, capsys, main=train_sft.main):
-    """Run a script's main as the command line does: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        run_cli(main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_script(main, argv, capsys)
 
 
 def assert_one_line_error(code, err, *expected):
