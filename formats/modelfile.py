@@ -28,12 +28,14 @@ GO_TEMPLATES = {
         "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ else if eq .Role \"assistant\" }}"
         "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
         "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    # Meta's format: every [INST] after the first starts with BOS (llama.cpp adds the first)
+    # Meta's format: every [INST] after the first starts with BOS (llama.cpp adds the first);
+    # the system block goes in the first [INST]. Not "the message at index 0": Ollama keeps the
+    # system messages in .Messages, so the first user message may come second.
     "llama2-chat": (
-        "{{ range $i, $m := .Messages }}{{ if eq $m.Role \"user\" }}{{ if $i }}<s>{{ end }}"
-        "[INST] {{ if and (eq $i 0) $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}"
-        "{{ $m.Content }} [/INST]{{ else if eq $m.Role \"assistant\" }} {{ $m.Content }} </s>"
-        "{{ end }}{{ end }}"),
+        "{{ $first := true }}{{ range .Messages }}{{ if eq .Role \"user\" }}"
+        "{{ if not $first }}<s>{{ end }}[INST] {{ if and $first $.System }}<<SYS>>\n{{ $.System }}"
+        "\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]{{ $first = false }}"
+        "{{ else if eq .Role \"assistant\" }} {{ .Content }} </s>{{ end }}{{ end }}"),
     "alpaca": (
         "{{ if .System }}{{ .System }}\n\n{{ end }}{{ range .Messages }}{{ if eq .Role \"user\" }}"
         "Below is an instruction that describes a task. Write a response that appropriately "
