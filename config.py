@@ -17,6 +17,7 @@ from projections import PROJECTIONS
 from formats.data_files import data_paths
 from records import columns_flag, data_source, parse_source
 from sources import check_weights
+import templates
 from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -126,7 +127,7 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     a("--val-data", help="a separate validation file (default: --val-split of --data)")
     a("--val-split", type=fraction_below_one, default=d.val_split,
       help="fraction of --data held out for validation")
-    a("--template", default=d.template, choices=["auto", *data.TEMPLATES],
+    a("--template", default=d.template, choices=["auto", *templates.TEMPLATES],
       help="prompt template; auto: the checkpoint's own chat template, else alpaca")
     a("--columns", type=columns_flag, help="their keys as ours, e.g. "
       "output=answer,instruction=question (default: none)")

@@ -222,7 +222,7 @@ def export_gguf(checkpoint, path, tokenizer, file_type="f16", adapter=None,
 # ---------------------------------------------------------------- the command line
 
 def parse_args(argv=None):
-    from data import TEMPLATES
+    from templates import TEMPLATES
     from formats.gguf_write import FILE_TYPES
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
@@ -278,10 +278,10 @@ def main(argv=None):
 
 
 def chat_format(run: dict | None, template_name: str | None, tokenizer):
-    """(the template's name in data.TEMPLATES or None, the jinja chat template or None).
+    """(the template's name in templates.TEMPLATES or None, the jinja chat template or None).
     A run's config.json "template" is a name or, in newer runs, the jinja source; else the
     tokenizer's own chat_template, whose format is recognised by its markers."""
-    from data import TEMPLATES
+    from templates import TEMPLATES
     recorded = (run or {}).get("template")
     chat_template = getattr(tokenizer, "chat_template", None)
     if isinstance(recorded, str) and ("{%" in recorded or "{{" in recorded):

@@ -12,10 +12,11 @@ from typing import Iterator
 
 import torch
 
-from data import TEMPLATES, encode_prompt, get_template, resolve_template
+from data import encode_prompt, resolve_template
 from errors import (ArgumentParser, UserError, default_device, device_name, fraction,
                     non_negative_float, positive_int, run_cli, seed)
 from model import DEFAULT_PRECISION, PRECISIONS, KVCache, Transformer, default_precision
+from templates import TEMPLATES, get_template
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

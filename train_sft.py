@@ -41,6 +41,7 @@ from run.samples import Samples, make_samples
 from run.stop import STOP
 from run.training_run import TrainingRun
 from sources import load_sources
+import templates
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
@@ -330,7 +331,7 @@ def load_data(config: TrainConfig, tokenizer, model, log) -> tuple[TrainConfig, 
         log.say(f"note: --seq-len {config.seq_len} is longer than the model's context; "
                 f"using {context}")
         config = replace(config, seq_len=context)
-    template = data.get_template(config.template)
+    template = templates.get_template(config.template)
     loaded = load_sources(config, tokenizer, template, log.say)  # each --data, split and encoded
     stats = loaded.stats
     log.say(f"data: {stats['records']} training records → {stats['kept']} kept, "
@@ -389,7 +390,7 @@ def finish(config: TrainConfig, out: Path, model, tokenizer):
     if config.merge:
         from export import export_hf, write_chat_template
         export_hf(model, out / "hf", tokenizer, template_name=config.template)
-        write_chat_template(out / "hf", data.jinja_form(data.get_template(config.template),
+        write_chat_template(out / "hf", data.jinja_form(templates.get_template(config.template),
                                                         tokenizer))
         print(f"saved a Hugging Face checkpoint to {out / 'hf'}")
     plot_losses(out)
@@ -401,7 +402,7 @@ def write_results(config: TrainConfig, directory: Path, model, tokenizer):
     chat template the run was trained with: out/ at the end, out/best/ at each new lowest
     held-out loss."""
     from export import export_peft, peft_base_path, write_chat_template
-    chat_template = data.jinja_form(data.get_template(config.template), tokenizer)
+    chat_template = data.jinja_form(templates.get_template(config.template), tokenizer)
     if config.method in ("lora", "qlora"):
         save_adapter(model, directory / "adapter", base_id={"checkpoint": config.checkpoint})
         export_peft(model, directory / "peft",

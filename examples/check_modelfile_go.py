@@ -21,8 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_template import encode_rendered  # noqa: E402
-from data import TEMPLATES, tokenize_conversation  # noqa: E402
+from data import tokenize_conversation  # noqa: E402
 from formats.modelfile import modelfile_text  # noqa: E402
+from templates import TEMPLATES  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 GO_PROGRAM = """package main

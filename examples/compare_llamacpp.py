@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from formats.checkpoint import load_checkpoint  # noqa: E402
-from data import encode_prompt, get_template  # noqa: E402
+from data import encode_prompt  # noqa: E402
 from generate import generate  # noqa: E402
 from formats.gguf_quant import TYPE_IDS, quantize  # noqa: E402
+from templates import get_template  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Give three tips for staying healthy."

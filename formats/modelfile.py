@@ -6,7 +6,7 @@
     SYSTEM """..."""            the model's default system prompt, when its template has one
 
 Ollama does not run the jinja chat template stored in the GGUF; it needs the format written out
-in its own template language. We write it for the formats of data.TEMPLATES, following their
+in its own template language. We write it for the formats of templates.TEMPLATES, following their
 definitions there: the system block from `.System` (Ollama fills it from the conversation's system
 message or from SYSTEM), then each user and assistant message of `.Messages`, then the prompt of
 the assistant's turn. Another format gets no TEMPLATE (Ollama then passes the text as it is).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from formats.files import atomic_write
 
-# {instruction}, {system}, {output} of data.TEMPLATES in Go template syntax
+# {instruction}, {system}, {output} of templates.TEMPLATES in Go template syntax
 GO_TEMPLATES = {
     "chatml": (
         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
@@ -54,7 +54,7 @@ def token_text(tokenizer, token_id: int) -> str:
 
 def modelfile_text(gguf_name: str, tokenizer, template_name: str | None) -> str:
     from chat_template import default_system_prompt
-    from data import TEMPLATES
+    from templates import TEMPLATES
     lines = [f"FROM ./{gguf_name}", ""]
     template = GO_TEMPLATES.get(template_name)
     if template is not None:
@@ -92,7 +92,7 @@ def end_ids(tokenizer, template_name: str | None) -> list:
     """Every id at which generation must stop, as our generate() stops: the tokenizer's stop ids
     (EOS, and <|im_end|>, <|eot_id|>, <|endoftext|> where the vocabulary has them) plus the end
     token of the chat template."""
-    from data import TEMPLATES
+    from templates import TEMPLATES
     ids = set(tokenizer.stop_ids)
     template = TEMPLATES.get(template_name)
     if template is not None and template.end_token:
@@ -102,7 +102,7 @@ def end_ids(tokenizer, template_name: str | None) -> list:
 
 def template_end_id(tokenizer, template_name: str | None):
     """The token that ends an answer in this template: its end token, else EOS."""
-    from data import TEMPLATES
+    from templates import TEMPLATES
     template = TEMPLATES.get(template_name)
     if template is not None and template.end_token:
         return tokenizer.special_id(template.end_token)

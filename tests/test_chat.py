@@ -7,9 +7,10 @@ import pytest
 import chat
 from formats.checkpoint import load_checkpoint
 from conftest import shared_path
-from data import TEMPLATES, encode_prompt, resolve_template
+from data import encode_prompt, resolve_template
 from errors import run_cli
 from generate import PrefixCache, generate
+from templates import TEMPLATES
 from tokenizer import Tokenizer
 
 

@@ -9,10 +9,12 @@ import pytest
 import data
 from chat_template import ChatTemplate, record_messages
 from conftest import ROOT, shared_path
-from data import TEMPLATES, encode_dataset, encode_example, encode_prompt, resolve_template
+from data import encode_dataset, encode_example, encode_prompt, resolve_template
 from errors import UserError
 from model import IGNORE_INDEX
 from records import load_records, normalize_record
+import templates
+from templates import TEMPLATES
 from tokenizer import ByteTokenizer, Tokenizer
 
 # meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json "chat_template", verbatim (its "\\n" are
@@ -304,9 +306,9 @@ def test_auto_uses_the_models_template_else_alpaca_and_says_which(smollm2, llama
     assert said == ["warning: --template alpaca writes conversations other than the chat "
                     "template of SmolLM2-135M-Instruct.Q4_1.gguf does; a model answers best in "
                     "the format it was tuned with"]
-    assert data.get_template(smollm2.chat_template).source == smollm2.chat_template
+    assert templates.get_template(smollm2.chat_template).source == smollm2.chat_template
     with pytest.raises(UserError, match="unknown template 'chat'; known: auto, alpaca"):
-        data.get_template("chat")
+        templates.get_template("chat")
 
 
 def test_data_show_uses_the_models_template(capsys, smollm2_path, monkeypatch):

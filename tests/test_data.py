@@ -14,11 +14,12 @@ from conftest import ROOT, shared_path
 import data
 from batching import batch_efficiency, make_batches
 from chat_template import default_system_prompt
-from data import (PROMPT_DICT, TEMPLATES, encode_dataset, encode_example, encode_prompt,
+from data import (encode_dataset, encode_example, encode_prompt,
                   format_example, get_template, main, percentile)
 from errors import UserError
 from model import IGNORE_INDEX, ModelConfig, Transformer
 from records import load_records, split_train_val
+from templates import PROMPT_DICT, TEMPLATES
 from tokenizer import ByteTokenizer
 
 ALPACA = TEMPLATES["alpaca"]

@@ -15,10 +15,11 @@ import pytest
 
 from conftest import shared_path
 from chat_template import ChatTemplate
-from data import TEMPLATES, encode_dataset, encode_example, main, tokenize_conversation
+from data import encode_dataset, encode_example, main, tokenize_conversation
 from errors import UserError
 from model import IGNORE_INDEX
 from records import load_records, normalize_record, parse_columns
+from templates import TEMPLATES
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from run import samples
 from config import DEMO, DEMO_CONFIG, DEMO_DATA, TrainConfig
 from conftest import ROOT
 from errors import UserError
+import templates
 from tokenizer import ByteTokenizer
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
@@ -46,7 +47,7 @@ def test_a_long_sample_prompt_is_cut_like_a_training_example(tmp_path, capsys):
     argv = ["--checkpoint", "tiny", "--data", train, "--val-data", val, "--out", out,
             "--template", "none", "--seq-len", 64, "--batch-size", 4, "--max-steps", 1]
     train_sft.main([str(a) for a in argv])
-    prompt = data.encode_prompt(LONG_RECORD, ByteTokenizer(), data.get_template("none"))
+    prompt = data.encode_prompt(LONG_RECORD, ByteTokenizer(), templates.get_template("none"))
     assert len(prompt) == 337  # BOS and 336 bytes: longer than --seq-len 64
     printed = capsys.readouterr().out
     assert ("note: the sample prompt has 337 tokens; answering its first 63 (--seq-len 64, less "
@@ -59,7 +60,7 @@ def test_a_long_sample_prompt_is_cut_like_a_training_example(tmp_path, capsys):
 
 
 def test_the_sample_prompt_ids_are_the_first_of_the_prompt(tmp_path):
-    tok, template = ByteTokenizer(), data.get_template("none")
+    tok, template = ByteTokenizer(), templates.get_template("none")
 
     class Quiet:
         def say(self, text):

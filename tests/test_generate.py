@@ -143,7 +143,8 @@ def test_generate_stops_and_limits(stories):
 
 @pytest.mark.parametrize("prompt", list(SMOLLM2_GREEDY))
 def test_smollm2_greedy_answers_as_transformers_does(prompt, smollm2, smollm2_model):
-    from data import encode_prompt, get_template
+    from data import encode_prompt
+    from templates import get_template
     ids = encode_prompt(prompt, smollm2, get_template("chatml"))
     answer_ids = generate(smollm2_model, smollm2, ids, max_new_tokens=64, temperature=0.0)
     answer = smollm2.decode(list(answer_ids))

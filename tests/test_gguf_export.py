@@ -316,7 +316,8 @@ def test_transformers_generate_stops_where_ours_stops(smollm2_path, smollm2, tmp
     generate() on the hf/ export ends where ours ends, at <|im_end|>, instead of running into
     a new turn."""
     transformers = pytest.importorskip("transformers")
-    from data import encode_prompt, get_template
+    from data import encode_prompt
+    from templates import get_template
     from generate import generate
     model, _ = load_checkpoint(smollm2_path)
     ids = encode_prompt("What is the capital of France?", smollm2, get_template("chatml"))

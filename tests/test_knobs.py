@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import train_sft
 from config import TrainConfig
-from data import encode_prompt, get_template
+from data import encode_prompt
 from errors import UserError, run_cli
 from formats.checkpoint import load_checkpoint
 from generate import generate
@@ -26,6 +26,7 @@ from neftune import add_neftune
 from run import best as best_dir
 from run import training_run
 from run.best import BestKeeper, keep_best
+from templates import get_template
 from test_train import (DEMO_RECORDS, assert_same_tensors, crash_then_resume, demo_argv, metrics,
                         run, saved_state, train_losses, write_records)
 from tokenizer import ByteTokenizer

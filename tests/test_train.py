@@ -27,6 +27,7 @@ from errors import UserError, run_cli
 from generate import generate
 from formats.adapter import load_adapter
 from model import ModelConfig, Transformer
+import templates
 from tokenizer import ByteTokenizer
 
 DEMO_RECORDS = json.loads((ROOT / "examples" / "alpaca_demo.json").read_text())
@@ -119,7 +120,7 @@ def test_overfits_a_handful_of_examples(tmp_path, demo_data):
     assert losses[60] < losses[1] / 20
     # memorised: greedy decoding of a training prompt with the saved model gives its answer back
     model, _ = load_checkpoint(out / "model")
-    tok, template = ByteTokenizer(), data.get_template("none")
+    tok, template = ByteTokenizer(), templates.get_template("none")
     record = DEMO_RECORDS[0]
     answer = tok.decode(list(generate(model.eval(), tok,
                                       data.encode_prompt(record["instruction"], tok, template),
@@ -173,7 +174,7 @@ ACCUM_CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidd
 
 def accum_batches():
     """8 examples of very different lengths: as 1 micro-batch of 8 and as 4 micro-batches of 2."""
-    tok, template = ByteTokenizer(), data.get_template("none")
+    tok, template = ByteTokenizer(), templates.get_template("none")
     records = [{"instruction": f"Q{i}:", "input": "", "output": "ab" * n} for i, n in
                enumerate([2, 60, 5, 3, 40, 90, 7, 25])]
     examples = [data.encode_example(r, tok, template, 256) for r in records]
@@ -612,7 +613,7 @@ def test_smollm2_lora_sft_and_hf_export(tmp_path, smollm2_path, smollm2):
         out / "hf", dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out / "hf")
     messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
-    ids = data.encode_prompt(messages[0]["content"], smollm2, data.get_template("chatml"))
+    ids = data.encode_prompt(messages[0]["content"], smollm2, templates.get_template("chatml"))
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                       return_dict=False) == ids
     merged, _ = load_checkpoint(out / "model")
