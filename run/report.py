@@ -296,6 +296,11 @@ def md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
+def md_answer(row: dict) -> list:
+    """answer, tokens, ends? of one sample row, as Markdown cells."""
+    return [row["answer"], row["tokens"], "yes" if row.get("ended_with_end_token") else "no"]
+
+
 def record_md(token_losses: list[dict]) -> list[str]:
     if not token_losses:
         return ["(not measured yet)", ""]
@@ -318,8 +323,7 @@ def report_md(run: RunLog) -> str:
     for prompt, rows in by_prompt(run.samples).items():
         lines += [f"**{md_cell(prompt)}**", ""]
         lines += md_table(["answered by", "answer", "tokens", "ends?"],
-                          [[step_name(r["step"]), r["answer"], r["tokens"],
-                            "yes" if r.get("ended_with_end_token") else "no"] for r in rows])
+                          [[step_name(r["step"]), *md_answer(r)] for r in rows])
     lines += ["## One training record, token by token", ""] + record_md(run.token_losses)
     return "\n".join(lines)
 

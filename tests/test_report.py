@@ -311,7 +311,8 @@ def test_report_py_compares_runs(run_dir, tmp_path, capsys):
                             "ended_with_end_token": True}) + "\n")
     page_path = tmp_path / "compare.html"
     code, out, err = cli([run_dir, other, "--out", page_path], capsys)
-    assert (code, out, err) == (0, f"wrote {page_path}\n", "")
+    md_path = tmp_path / "compare.md"
+    assert (code, out, err) == (0, f"wrote {page_path} and {md_path}\n", "")
     page = Page(page_path.read_text())
     rows = [cells for cells in table_rows(page_path.read_text())]
     assert ["method", "LoRA, r 8, alpha 16, dropout 0.05, on q,v", "full fine-tuning"] in rows
@@ -324,6 +325,13 @@ def test_report_py_compares_runs(run_dir, tmp_path, capsys):
     assert ["base (step 0)", "<b>not bold</b> & on", "20", "no"] in rows
     assert ["run, step 10", "Hi there.\nBye.", "14", "yes"] in rows
     assert ["full, step 12", "Hello!", "2", "yes"] in rows
+    # the same tables in Markdown, for a terminal or a README
+    md = md_path.read_text()
+    assert md.startswith("# Runs compared: run, full\n")
+    assert "| method | LoRA, r 8, alpha 16, dropout 0.05, on q,v | full fine-tuning |" in md
+    assert "| base (step 0) | <b>not bold</b> & on | 20 | no |" in md
+    assert "| run, step 10 | Hi there.↵ Bye. | 14 | yes |" in md
+    assert "| full, step 12 | Hello! | 2 | yes |" in md
     # a page of its own is overwritten; any other file is not
     assert cli([run_dir, other, "--out", page_path], capsys)[0] == 0
     notes = tmp_path / "notes.html"
@@ -332,6 +340,12 @@ def test_report_py_compares_runs(run_dir, tmp_path, capsys):
     assert (code, err) == (2, f"error: --out {notes} exists and is not a page report.py wrote; "
                               "choose another --out\n")
     assert notes.read_text() == "mine"
+    (tmp_path / "mine.md").write_text("mine")
+    code, _, err = cli([run_dir, other, "--out", tmp_path / "mine.html"], capsys)
+    assert (code, err) == (2, f"error: {tmp_path / 'mine.md'} exists and is not a page report.py "
+                              "wrote; choose another --out\n")
+    assert (tmp_path / "mine.md").read_text() == "mine"
+    assert not (tmp_path / "mine.html").exists()
 
 
 def table_rows(text: str) -> list[list[str]]:
