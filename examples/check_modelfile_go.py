@@ -116,8 +116,10 @@ def check(name: str, tokenizer, program: Path) -> int:
 
 
 def main(smollm2: str, llama2: str, llama3: str):
-    tokenizers = {"chatml": Tokenizer.from_file(smollm2), "llama2-chat": Tokenizer.from_file(llama2),
-                  "alpaca": Tokenizer.from_file(llama2), "llama3-chat": Tokenizer.from_file(llama3)}
+    tokenizers = {"chatml": Tokenizer.from_file(smollm2),
+                  "llama2-chat": Tokenizer.from_file(llama2),
+                  "alpaca": Tokenizer.from_file(llama2),
+                  "llama3-chat": Tokenizer.from_file(llama3)}
     with tempfile.TemporaryDirectory() as tmp:
         program = Path(tmp) / "render.go"
         program.write_text(GO_PROGRAM)
