@@ -19,7 +19,7 @@ from formats import gguf_quant
 from formats import gguf_write
 from formats.checkpoint import load_checkpoint, save_checkpoint
 from conftest import shared_path
-from formats.adapter import save_adapter
+from formats.adapter import load_adapter, save_adapter
 from lora import apply_lora, merge_lora
 from model import ModelConfig, Transformer, llama3_scaling
 from tokenizer import Tokenizer
@@ -254,6 +254,25 @@ def test_existing_output_is_refused_without_force(tiny, capsys):
     target.write_text("keep me")
     fails(capsys, [directory / "model", "--gguf", target], "--force")
     assert target.read_text() == "keep me"
+
+
+def test_export_of_a_runs_best_is_its_best_adapter_on_its_base(tmp_path, capsys):
+    """export.py RUN/best reads best/ as a run: the adapter of the lowest held-out loss, folded
+    into the run's base model (LoRA on stories260K, evaluated at every step)."""
+    from test_train import run, stories_argv
+    out = tmp_path / "run"
+    run(stories_argv(out, "--val-split", 0.3, "--max-steps", 4, "--eval-every", 1))
+    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
+    path = tmp_path / "best.gguf"
+    export.main([str(out / "best"), "--gguf", str(path), "--type", "f32"])
+    assert f"using its adapter {out / 'best' / 'adapter'}" in capsys.readouterr().err
+    base, _ = load_checkpoint(shared_path("models", "stories260K"))
+    untuned = logits(base)
+    best = logits(merge_lora(load_adapter(base, out / "best" / "adapter")))
+    exported = logits(load_checkpoint(path)[0])
+    assert (exported - best).abs().max() <= 1e-4
+    assert (exported - untuned).abs().max() > 1e-2  # the best adapter did change the model
+    assert best_step >= 1
 
 
 def test_a_run_without_a_finished_model_is_one_line(tmp_path, capsys):
