@@ -135,10 +135,10 @@ def write_generation_config(directory, tokenizer, template_name: str | None):
 # ---------------------------------------------------------------- GGUF
 
 def merged_tensors(checkpoint, adapter=None):
-    """(config, iterator of (our name, float32 tensor)) of the merged model, read one tensor at a
-    time: each weight with an adapter is folded (W + s·B A, or DoRA's rescaled rows, by the
-    adapter layer's own merged_weight) as it is read. A tied head with an adapter becomes its
-    own matrix: the config then says untied."""
+    """(config, iterator of (our name, tensor)) of the merged model, read one tensor at a time:
+    each weight with an adapter is folded in float32 (W + s·B A, or DoRA's rescaled rows, by the
+    adapter layer's own merged_weight) as it is read; the others stay in the checkpoint's dtype.
+    A tied head with an adapter becomes its own matrix: the config then says untied."""
     from formats.checkpoint import _unneeded, read_checkpoint
     config, tensors = read_checkpoint(checkpoint)
     layers, settings = {}, None
@@ -151,7 +151,6 @@ def merged_tensors(checkpoint, adapter=None):
         for _, name, t in tensors:
             if _unneeded(name, config):
                 continue
-            t = t.float()
             yield name, _merge(t, name, layers, settings)
             if head_adapter and name == "embed_tokens.weight":
                 yield "lm_head.weight", _merge(t, "lm_head.weight", layers, settings)
@@ -188,7 +187,7 @@ def _merge(weight, name, layers, settings):
     if module not in layers:
         return weight
     base = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    base.weight = nn.Parameter(weight, requires_grad=False)
+    base.weight = nn.Parameter(weight.float(), requires_grad=False)
     kind = DoRALinear if settings["dora"] else LoRALinear
     layer = kind(base, settings["r"], settings["alpha"], settings["dropout"], settings["rslora"])
     with torch.no_grad():

@@ -15,7 +15,9 @@ import torch
 from formats.gguf_file import GGML_TYPES
 
 TYPE_IDS = {kind.name: type_id for type_id, kind in GGML_TYPES.items()}  # "Q4_K" -> 12
-BLOCKS_AT_ONCE = 16384  # the k-quant searches make ~20 candidates per block: bound that memory
+# weights quantised at a time: the k-quant searches make ~20 candidates per block, and an export
+# holds no float32 copy of a whole tensor (Llama-3's embedding: 2.1 GB), only of this many
+WEIGHTS_AT_ONCE = 2**22
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -250,12 +252,19 @@ QUANTIZERS = {  # ggml type id → its quantiser
 }
 
 
-def quantize(t: torch.Tensor, type_id: int) -> torch.Tensor:
-    """The bytes of tensor `t` stored as ggml type `type_id`: its rows cut into blocks,
-    quantised BLOCKS_AT_ONCE blocks at a time. (The row length must be a whole number of
-    blocks: gguf_write.tensor_type chooses a type for which it is.)"""
+def quantized_parts(t: torch.Tensor, type_id: int):
+    """The bytes of tensor `t` (any float dtype) stored as ggml type `type_id`, in order, a part
+    of about WEIGHTS_AT_ONCE weights at a time, each made float32 only then. Its rows are cut
+    into blocks (the row length must be a whole number of blocks: gguf_write.tensor_type
+    chooses a type for which it is); blocks are quantised independently, so the parts joined
+    are the bytes of the whole."""
     kind = GGML_TYPES[type_id]
-    blocks = t.detach().float().reshape(-1, kind.block_size)
+    blocks = t.detach().reshape(-1, kind.block_size)
     quantizer = QUANTIZERS[type_id]
-    parts = [quantizer(chunk) for chunk in blocks.split(BLOCKS_AT_ONCE)]
-    return torch.cat(parts).reshape(-1)
+    for part in blocks.split(max(1, WEIGHTS_AT_ONCE // kind.block_size)):
+        yield quantizer(part.float()).reshape(-1)
+
+
+def quantize(t: torch.Tensor, type_id: int) -> torch.Tensor:
+    """The bytes of tensor `t` stored as ggml type `type_id`, all at once."""
+    return torch.cat(list(quantized_parts(t, type_id)))

@@ -26,7 +26,7 @@ from formats.files import atomic_write
 from errors import UserError
 from formats.gguf_file import (ARRAY, GGML_TYPES, GGUF_LAYER_NAMES, GGUF_LAYER_PREFIX, GGUF_NAMES,
                                STRING, VALUE_DTYPES)
-from formats.gguf_quant import TYPE_IDS, quantize
+from formats.gguf_quant import TYPE_IDS, quantized_parts
 from model import ModelConfig, rope_frequencies
 
 GGUF_VERSION = 3
@@ -234,7 +234,8 @@ def write_gguf(path, metadata: dict, plan: list, tensors):
                     raise UserError(f"tensor {name} has shape {tuple(t.shape)}, but the config "
                                     f"expects {tuple(shape)}")
                 f.seek(start)
-                f.write(quantize(t, type_id).numpy().tobytes())
+                for part in quantized_parts(t, type_id):  # (no whole copy of t in float32)
+                    f.write(part.numpy())
                 written.add(name)
             missing = [name for name in where if name not in written]
             if missing:

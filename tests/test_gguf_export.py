@@ -19,7 +19,7 @@ from formats import gguf_quant
 from formats import gguf_write
 from formats.checkpoint import load_checkpoint, save_checkpoint
 from conftest import shared_path
-from formats.adapter import load_adapter, save_adapter
+from formats.adapter import SHAPE_FIELDS, load_adapter, save_adapter
 from lora import apply_lora, merge_lora
 from model import ModelConfig, Transformer, llama3_scaling
 from tokenizer import Tokenizer
@@ -293,8 +293,8 @@ def test_a_full_disk_leaves_no_file(tiny, tmp_path, capsys, monkeypatch):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return gguf_quant.quantize(t, type_id)
-    monkeypatch.setattr(gguf_write, "quantize", quantize_then_fill_the_disk)
+        return gguf_quant.quantized_parts(t, type_id)
+    monkeypatch.setattr(gguf_write, "quantized_parts", quantize_then_fill_the_disk)
     target = tmp_path / "full.gguf"
     fails(capsys, [directory / "model", "--gguf", target], "no space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file, no temporary file
@@ -375,3 +375,19 @@ def test_peft_loads_the_adapter_by_itself(tmp_path):
     tokens = torch.tensor([[1, 403, 261, 377, 9, 88, 300]])
     with torch.no_grad():
         assert (theirs(tokens).logits - ours.eval()(tokens)).abs().max().item() <= 1e-4
+
+
+def test_export_peak_measures_an_export_of_a_random_checkpoint(tmp_path, capsys):
+    """bench/export_peak.py (the 8B number in docs/formats.md), at the tiny shape: a sharded
+    random HF checkpoint and adapter, export.py run on them as a child, its memory read."""
+    from bench import export_peak
+    tokenizer = shared_path("models", "stories260K", "tok512.model")
+    export_peak.main(["--shape", "tiny", "--tokenizer", str(tokenizer), "--work",
+                      str(tmp_path), "--shard-gb", "0.0002", "--keep"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(list((tmp_path / "checkpoint").glob("shard-*.safetensors"))) > 1
+    _, config = load_checkpoint(tmp_path / "tiny-f16.gguf")
+    tiny = ModelConfig.from_name("tiny")
+    assert [getattr(config, k) for k in SHAPE_FIELDS] == [getattr(tiny, k) for k in SHAPE_FIELDS]
+    assert 0 < result["peak_anon_gib"] <= result["peak_rss_gib"] < 2
+    assert result["gguf_gib"] == round((tmp_path / "tiny-f16.gguf").stat().st_size / 2**30, 3)
