@@ -38,43 +38,30 @@ from model import ModelConfig, Transformer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def meta_model(config: ModelConfig, r: int) -> Transformer:
-    """The model with its adapter on the meta device: names and shapes, no memory."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    apply_lora(model, "all", r=r, alpha=2 * r)
-    return model
-
-
 def write_checkpoint(config: ModelConfig, directory: Path, shard_bytes: int):
-    """bf16 shards of about shard_bytes each, one shard in memory at a time. The q/k rows are
-    random, so Hugging Face's row permutation has nothing to undo."""
+    """config.json and bf16 shards of about shard_bytes each with their index, one shard in
+    memory at a time. The q/k rows are random: Hugging Face's row order has nothing to undo."""
     names = {ours: hf for hf, ours in hf_names(config.n_layers).items()}
     with torch.device("meta"):
         shapes = {k: tuple(t.shape) for k, t in Transformer(config).state_dict().items()}
-    shard, n_shards = {}, 0
+    shard, weight_map = {}, {}
     for i, (ours, shape) in enumerate(shapes.items()):
         shard[names[ours]] = (torch.randn(shape) * 0.02).to(torch.bfloat16)
         full = sum(t.numel() * 2 for t in shard.values()) >= shard_bytes
         if full or i == len(shapes) - 1:
-            n_shards += 1
-            save_safetensors(shard, directory / f"shard-{n_shards}.safetensors",
-                             metadata={"format": "pt"})
+            file = f"shard-{len(set(weight_map.values())) + 1}.safetensors"
+            save_safetensors(shard, directory / file, metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
             shard = {}
-
-
-def write_index(config: ModelConfig, directory: Path):
-    from safetensors import safe_open
-    weight_map = {}
-    for f in sorted(directory.glob("shard-*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            weight_map.update({key: f.name for key in st.keys()})
     write_json(directory / "model.safetensors.index.json", {"weight_map": weight_map})
     write_json(directory / "config.json", config_to_hf(config))
 
 
 def write_adapter(config: ModelConfig, directory: Path, r: int):
-    model = meta_model(config, r)
+    """A LoRA adapter on all seven projections with random A and B (so every one is merged)."""
+    with torch.device("meta"):  # names and shapes, no memory
+        model = Transformer(config)
+    apply_lora(model, "all", r=r, alpha=2 * r)
     tensors = {k: torch.randn(t.shape) * 0.01 for k, t in lora_state_dict(model).items()}
     save_safetensors(tensors, directory / ADAPTER_TENSORS, metadata={"format": "pt"})
     write_json(directory / ADAPTER_CONFIG, {**lora_settings(model), "base": asdict(config)})
@@ -129,7 +116,6 @@ def main(argv=None):
         torch.manual_seed(0)
         print(f"writing a random {args.shape} checkpoint to {checkpoint}", file=sys.stderr)
         write_checkpoint(config, checkpoint, int(args.shard_gb * 1e9))
-        write_index(config, checkpoint)
     if not (adapter / ADAPTER_CONFIG).is_file():
         adapter.mkdir(parents=True, exist_ok=True)
         write_adapter(config, adapter, args.rank)
