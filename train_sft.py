@@ -45,6 +45,7 @@ import templates
 from tokenizer import ByteTokenizer, check_vocabulary, checkpoint_tokenizer
 
 
+@STOP.listening()  # Ctrl-C and SIGTERM while main runs (run/stop.py); the caller's handlers after
 def main(argv=None):
     config = parse_args(argv, description=__doc__)
     processes = start_processes(config.device)  # one, or one per GPU under torchrun
@@ -59,7 +60,6 @@ def main(argv=None):
     # --out is checked (and locked) before the model loads: a mistake is said in a second, not
     # after minutes of loading an 8B model
     run = TrainingRun(prepare_out(config, write=log.speaks), log, processes)
-    STOP.listen()
     try:
         torch.manual_seed(config.seed)
         model = build_model(config, tokenizer, log)

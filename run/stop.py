@@ -1,6 +1,9 @@
 """Stopping a run without losing it: Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster job's time
 limit) are taken at the end of the step in progress, which is then saved (train_sft.train)."""
 import signal
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
@@ -16,10 +19,20 @@ class StopSignals:
         self.requested = False
         self.at_step_end = False
 
-    def listen(self):
+    @contextmanager
+    def listening(self):
+        """Take the signals while the block (or the function it decorates) runs, then give back
+        the handlers found before it: train_sft.main may be called by other code (a test, a
+        notebook). Not after a signal: the process is then ending, and a second signal in its
+        exit must still be ignored."""
         self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.handle)
+        found = {signum: signal.signal(signum, self.handle) for signum in SIGNALS}
+        try:
+            yield
+        finally:
+            if not self.requested:
+                for signum, handler in found.items():
+                    signal.signal(signum, handler)
 
     def handle(self, signum, frame):
         if self.requested:

@@ -30,6 +30,7 @@ import torch
 
 from run import run_dir
 from run import run_metrics
+from run.stop import STOP
 import train_sft
 from conftest import ROOT
 from errors import UserError
@@ -206,6 +207,32 @@ def test_a_second_signal_while_loading_is_harmless(train, tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "exit", exit_with_a_second_signal)
     code, _, err = cli(lora_argv(train, out), capsys)
     assert (code, err) == (130, "interrupted\n")
+
+
+def test_the_callers_signal_handlers_come_back(train, tmp_path, monkeypatch, capsys):
+    """train_sft.main called from other code (a test, a notebook) takes Ctrl-C and SIGTERM while
+    it runs, and gives back the handlers it found after a finished run and a failed start. After
+    a run a signal stopped, its own stay: the process is ending, and a second signal is ignored."""
+    def mine(signum, frame):
+        pass
+    found = {signum: signal.signal(signum, mine) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli(lora_argv(train, tmp_path / "done"), capsys)[0] == 0
+        assert [signal.getsignal(signum) for signum in found] == [mine, mine]
+        assert cli(lora_argv(train, tmp_path / "failed", "--early-stop", 2), capsys)[0] == 2
+        assert [signal.getsignal(signum) for signum in found] == [mine, mine]
+        real_step = train_sft.train_step
+
+        def interrupted_step(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a step
+            return real_step(*args, **kwargs)
+        monkeypatch.setattr(train_sft, "train_step", interrupted_step)
+        assert cli(lora_argv(train, tmp_path / "stopped"), capsys)[0] == 130
+        assert [signal.getsignal(signum) for signum in found] == [STOP.handle, STOP.handle]
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: nothing happens
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------- 2. going on with other settings
