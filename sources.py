@@ -22,6 +22,7 @@ import data
 from errors import UserError
 from records import load_records, parse_columns, parse_source, split_train_val
 
+
 def check_weights(weights: list, names: list[str]):
     """The weights must be shares of an epoch: at most 1 in all, exactly 1 when every source has
     one, less than 1 when some source has none (it takes the rest)."""

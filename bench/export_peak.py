@@ -44,15 +44,16 @@ def write_checkpoint(config: ModelConfig, directory: Path, shard_bytes: int):
     names = {ours: hf for hf, ours in hf_names(config.n_layers).items()}
     with torch.device("meta"):
         shapes = {k: tuple(t.shape) for k, t in Transformer(config).state_dict().items()}
-    shard, weight_map = {}, {}
+    shard, size, n_shards, weight_map = {}, 0, 0, {}
     for i, (ours, shape) in enumerate(shapes.items()):
         shard[names[ours]] = (torch.randn(shape) * 0.02).to(torch.bfloat16)
-        full = sum(t.numel() * 2 for t in shard.values()) >= shard_bytes
-        if full or i == len(shapes) - 1:
-            file = f"shard-{len(set(weight_map.values())) + 1}.safetensors"
+        size += shard[names[ours]].nbytes
+        if size >= shard_bytes or i == len(shapes) - 1:
+            n_shards += 1
+            file = f"shard-{n_shards}.safetensors"
             save_safetensors(shard, directory / file, metadata={"format": "pt"})
             weight_map.update({name: file for name in shard})
-            shard = {}
+            shard, size = {}, 0
     write_json(directory / "model.safetensors.index.json", {"weight_map": weight_map})
     write_json(directory / "config.json", config_to_hf(config))
 
